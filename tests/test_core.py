@@ -1,5 +1,5 @@
 "Unit tests for quantcourse.core: loading, text, perplexity, hooks and bad input."
-import importlib.util, math
+import copy, importlib.util, math
 import pytest, torch
 from torch import nn
 from quantcourse import core
@@ -31,9 +31,8 @@ def test_perplexity_equals_token_by_token(course_model):
     model, tok = course_model
     tokens = eval_tokens(tok, 37)
     fast32, slow32 = perplexity(model, tokens, context=12, progress=False), naive_perplexity(model, tokens, context=12)
-    model.double()
-    try: fast, slow = perplexity(model, tokens, context=12, progress=False), naive_perplexity(model, tokens, context=12)
-    finally: model.float()
+    model64 = copy.deepcopy(model).double()  # a copy: the shared fixture stays float32
+    fast, slow = perplexity(model64, tokens, context=12, progress=False), naive_perplexity(model64, tokens, context=12)
     assert math.isclose(fast32, slow32, rel_tol=1e-3) and math.isclose(fast, slow, rel_tol=1e-9)
 
 def test_cached_copy_equals_gguf(course_model):
@@ -73,7 +72,8 @@ def test_replace_linears_and_size():
 def test_tied_head_counted_once(course_model):
     model, _ = course_model
     n_params = sum(p.numel() for p in model.parameters())  # parameters() already deduplicates tied weights
-    assert model_size_bytes(model) == n_params * 4
+    n_buffers = sum(b.numel() for b in model.buffers())  # the rotary embedding keeps its frequencies as buffers
+    assert model_size_bytes(model) == (n_params + n_buffers) * 4
     assert 'lm_head' not in linear_names(model) and 'lm_head' in linear_names(model, include_head=True)
 
 def test_budget_switch(monkeypatch):
