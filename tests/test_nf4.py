@@ -1,0 +1,208 @@
+"Tests for quantcourse.nf4: bit-identical parity with bitsandbytes on the CPU, properties, bad input."
+import math, tempfile
+import pytest, torch
+from torch import nn
+from hypothesis import given, settings, strategies as st
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+from safetensors.torch import save_file, load_file
+from quantcourse.nf4 import (BLOCKSIZES, NESTED_BLOCKSIZE, NF4Linear, Weight4bit, double_quantize, dynamic_code, fp4_code,
+    nf4_code, nearest_level, pack_nibbles, quantize_4bit, quantize_blockwise_8bit, quantize_model_4bit, same_bits,
+    scale_bits_per_weight, unpack_nibbles)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+@pytest.fixture(autouse=True)
+def eager_bitsandbytes():
+    "bitsandbytes compiles its fallback for odd last dimensions with torch.compile; eager gives the same numbers, faster."
+    with torch._dynamo.config.patch(disable=True): yield
+
+def weight(shape, dtype=torch.float32, seed=0, std=0.02):
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * std).to(dtype)
+
+def assert_matches_bnb(w, blocksize=64, quant_type='nf4', double_quant=False):
+    ours = quantize_4bit(w, blocksize, quant_type, double_quant)
+    packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant)
+    assert same_bits(ours.packed, packed.view(-1)), 'packed bytes'
+    assert same_bits(ours.absmax, state.absmax), 'absmax'
+    if double_quant:
+        assert same_bits(ours.nested_absmax, state.state2.absmax), 'nested absmax'
+        assert same_bits(ours.offset, state.offset), 'offset'
+        assert same_bits(dynamic_code(), state.state2.code) and state.state2.blocksize == NESTED_BLOCKSIZE
+    theirs = bnbF.dequantize_4bit(packed, state).reshape(w.shape)
+    mine = ours.dequantize()
+    if quant_type == 'fp4' and w.shape[-1] % 2:  # bitsandbytes' torch fallback decodes pattern 1000 as +0.0, its kernels as -0.0
+        assert torch.equal(mine, theirs) and mine.dtype == theirs.dtype
+    else: assert same_bits(mine, theirs), 'dequantized'
+    return ours
+
+# ---------------------------------------------------------------- code books
+def test_code_books_equal_bitsandbytes():
+    assert same_bits(nf4_code(), bnbF.get_4bit_type('nf4', device='cpu'))
+    assert same_bits(dynamic_code(), bnbF.create_dynamic_map())
+    every_code = torch.tensor([0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF], dtype=torch.uint8)
+    state = bnbF.QuantState(absmax=torch.ones(1), shape=torch.Size([16]), blocksize=64, quant_type='fp4', dtype=torch.float32)
+    assert same_bits(fp4_code(), bnbF.dequantize_4bit(every_code, state).view(-1))  # the kernel's table
+    assert torch.equal(fp4_code(), bnbF.get_4bit_type('fp4', device='cpu'))        # the Python table, up to -0.0
+
+def test_nf4_code_structure():
+    code = nf4_code()
+    assert ((code > 0).sum(), (code < 0).sum(), (code == 0).sum()) == (8, 7, 1)
+    assert code[0] == -1 and code[-1] == 1 and torch.all(code[1:] > code[:-1])
+
+# ---------------------------------------------------------------- parity with bitsandbytes
+@pytest.mark.parametrize('dtype', DTYPES, ids=lambda d: str(d).replace('torch.', ''))
+@pytest.mark.parametrize('quant_type', ['nf4', 'fp4'])
+@pytest.mark.parametrize('shape,blocksize', [((128, 96), 64), ((37, 22), 64), ((5, 7), 32), ((3, 10, 9), 128),
+                                             ((1,), 64), ((576, 192), 4096), ((1000, 3), 256)])
+def test_quantize_4bit_matches_bnb(shape, blocksize, quant_type, dtype):
+    assert_matches_bnb(weight(shape, dtype), blocksize, quant_type)
+
+@pytest.mark.parametrize('blocksize', BLOCKSIZES)
+def test_every_blocksize(blocksize):
+    assert_matches_bnb(weight((96, 100), seed=blocksize), blocksize, 'nf4')
+    assert_matches_bnb(weight((96, 100), seed=blocksize), blocksize, 'fp4', double_quant=True)
+
+@pytest.mark.parametrize('dtype', DTYPES, ids=lambda d: str(d).replace('torch.', ''))
+@pytest.mark.parametrize('shape', [(512, 512), (300, 277), (4096, 17), (9, 9)])
+def test_double_quant_matches_bnb(shape, dtype):
+    assert_matches_bnb(weight(shape, dtype, seed=1), 64, 'nf4', double_quant=True)
+
+def test_zeros_and_exact_levels():
+    w = torch.zeros(256); w[64:128] = torch.linspace(-1, 1, 64)  # an all-zero block, and values on the grid
+    w[200] = 0.5
+    assert_matches_bnb(w, 64, 'nf4')
+    assert_matches_bnb(w, 64, 'fp4')
+    assert torch.equal(quantize_4bit(w).dequantize()[:64], torch.zeros(64))
+
+def test_real_layers_match_bnb(course_model):
+    model, _ = course_model
+    for name in ['q_proj', 'k_proj', 'up_proj', 'down_proj']:
+        layer = next(m for n, m in model.named_modules() if n.endswith(name))
+        assert_matches_bnb(layer.weight.detach(), 64, 'nf4', double_quant=True)
+        assert_matches_bnb(layer.weight.detach(), 64, 'fp4')
+
+# ---------------------------------------------------------------- storage
+def test_bits_per_weight_and_bnb_bytes():
+    w = weight((256, 4096))  # 16,384 blocks: 64 full blocks of scales
+    plain, double = quantize_4bit(w), quantize_4bit(w, double_quant=True)
+    assert plain.bits_per_weight == 4.5
+    assert math.isclose(double.bits_per_weight - 4, scale_bits_per_weight(64, True) + 32 / w.numel())
+    _, state = bnbF.quantize_4bit(w, quant_type='nf4', compress_statistics=True)
+    stored = sum(t.numel() * t.element_size() for t in (state.absmax, state.state2.absmax, state.offset))
+    assert stored == double.nbytes - double.packed.numel()
+    assert math.isclose(scale_bits_per_weight(64, True), 0.126953125)
+
+# ---------------------------------------------------------------- the layer
+@pytest.mark.parametrize('quant_type', ['nf4', 'fp4'])
+@pytest.mark.parametrize('double_quant', [False, True])
+@pytest.mark.parametrize('compute_dtype', [torch.float32, torch.bfloat16], ids=['float32', 'bfloat16'])
+def test_linear_matches_bnb_linear4bit(quant_type, double_quant, compute_dtype):
+    torch.manual_seed(0)
+    source = nn.Linear(192, 320)
+    x = torch.randn(2, 5, 192)
+    ours = NF4Linear.from_linear(source, 64, quant_type, double_quant, compute_dtype)
+    theirs = bnb.nn.Linear4bit(192, 320, bias=True, compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant_type)
+    theirs.load_state_dict(source.state_dict()); theirs = theirs.to('cpu')
+    assert same_bits(ours.packed, theirs.weight.data.view(-1))
+    with torch.no_grad(): y_ours, y_theirs = ours(x), theirs(x)
+    assert same_bits(y_ours, y_theirs) and y_ours.dtype == torch.float32
+
+@pytest.mark.parametrize('double_quant', [False, True])
+def test_safetensors_round_trip(double_quant):
+    source = nn.Linear(100, 64)  # 6,400 weights: blocks of 64 fill exactly, 256-blocks of scales do not
+    layer = NF4Linear.from_linear(source, double_quant=double_quant, compute_dtype=torch.bfloat16)
+    with tempfile.TemporaryDirectory() as folder:
+        save_file(layer.state_dict(), f'{folder}/layer.safetensors')
+        fresh = NF4Linear(100, 64, double_quant=double_quant, compute_dtype=torch.bfloat16)
+        fresh.load_state_dict(load_file(f'{folder}/layer.safetensors'))
+    assert list(layer.state_dict()) == list(fresh.state_dict())
+    assert all(same_bits(a, b) for a, b in zip(layer.state_dict().values(), fresh.state_dict().values()))
+    x = torch.randn(3, 100)
+    with torch.no_grad(): assert same_bits(layer(x), fresh(x))
+
+def test_quantize_model_4bit():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32, bias=False))
+    x = torch.randn(4, 64)
+    with torch.no_grad(): before = net(x)
+    quantize_model_4bit(net, double_quant=True, names=['0', '2'])
+    assert isinstance(net[0], NF4Linear) and isinstance(net[2], NF4Linear) and net[2].bias is None
+    with torch.no_grad(): after = net(x)
+    assert (after - before).norm() / before.norm() < 0.15
+
+# ---------------------------------------------------------------- properties
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 700), blocksize=st.sampled_from([32, 64, 128]),
+       quant_type=st.sampled_from(['nf4', 'fp4']), scale=st.floats(1e-6, 1e3))
+def test_error_bound_and_exact_absmax(seed, n, blocksize, quant_type, scale):
+    w = torch.randn(n, generator=torch.Generator().manual_seed(seed)) * scale
+    q = quantize_4bit(w, blocksize, quant_type)
+    code = nf4_code() if quant_type == 'nf4' else fp4_code().sort().values
+    half_gap = ((code[1:] - code[:-1]) / 2).max()
+    blocks = torch.nn.functional.pad(w, (0, -n % blocksize)).view(-1, blocksize)
+    deq = torch.nn.functional.pad(q.dequantize(), (0, -n % blocksize)).view(-1, blocksize)
+    assert torch.all((deq - blocks).abs() <= q.absmax[:, None] * half_gap * (1 + 1e-6))
+    assert torch.equal(deq.abs().amax(1), q.absmax)  # the extreme weight of every block comes back exactly
+
+@settings(max_examples=30, deadline=None)
+@given(codes=st.lists(st.integers(0, 15), min_size=1, max_size=200))
+def test_pack_unpack_round_trip(codes):
+    codes = torch.tensor(codes + [0] * (len(codes) % 2), dtype=torch.uint8)
+    assert torch.equal(unpack_nibbles(pack_nibbles(codes), len(codes)), codes)
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), power=st.integers(-20, 20))
+def test_codes_invariant_to_power_of_two_scaling(seed, power):
+    w = torch.randn(300, generator=torch.Generator().manual_seed(seed))
+    a, b = quantize_4bit(w), quantize_4bit(w * 2.0 ** power)
+    assert torch.equal(a.packed, b.packed) and torch.equal(a.absmax * 2.0 ** power, b.absmax)
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 2000))
+def test_double_quantized_scales_stay_close(seed, n):
+    absmax = torch.rand(n, generator=torch.Generator().manual_seed(seed)) * 0.1 + 0.01
+    w = Weight4bit(torch.zeros(n * 32, dtype=torch.uint8), absmax, (n * 64,), torch.float32)
+    decoded = double_quantize(w).scales()
+    nested = torch.nn.functional.pad(absmax - absmax.mean(), (0, -n % 256)).view(-1, 256).abs().amax(1)
+    # one 8-bit dynamic-code step near 1 is 0.0141 of the nested absmax; never worse than that plus the table's grid
+    assert torch.all((decoded - absmax).abs() <= nested.repeat_interleave(256)[:n] * (0.0141 / 2 + 2 / 65535) + 1e-6)
+
+def test_8bit_table_close_to_exact_nearest():
+    values = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
+    codes, absmax = quantize_blockwise_8bit(values, dynamic_code())
+    normalized = (torch.nn.functional.pad(values, (0, -10_000 % 256)).view(-1, 256) / absmax[:, None]).view(-1)[:10_000]
+    exact = nearest_level(normalized, dynamic_code())
+    error = lambda c: (dynamic_code()[c.long()] - normalized).abs()
+    assert (codes != exact).float().mean() < 0.01
+    assert torch.all(error(codes) <= error(exact) + 2 / 65535)  # at most one grid step worse than the nearest level
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize('blocksize', [48, 16, 8192, 0, -64, 64.0, True, '64'])
+def test_bad_blocksize(blocksize):
+    with pytest.raises(ValueError, match='power of two from 32 to 4096'): quantize_4bit(weight((64, 64)), blocksize)
+    with pytest.raises(ValueError, match='power of two from 32 to 4096'): NF4Linear(64, 64, blocksize=blocksize)
+
+@pytest.mark.parametrize('dtype', [torch.int8, torch.int32, torch.uint8, torch.bool])
+def test_non_floating_input(dtype):
+    with pytest.raises(TypeError, match='floating-point'): quantize_4bit(torch.ones(64, 64, dtype=dtype))
+
+def test_float64_input():
+    with pytest.raises(TypeError, match=r'float32, float16 or bfloat16.*\.float\(\)'): quantize_4bit(torch.ones(64, 64, dtype=torch.float64))
+
+@pytest.mark.parametrize('bad', [float('nan'), float('inf'), -float('inf')])
+def test_nan_and_inf(bad):
+    w = weight((64, 64)); w[3, 5] = bad
+    with pytest.raises(ValueError, match='NaN or Inf'): quantize_4bit(w)
+    with pytest.raises(ValueError, match='NaN or Inf'): quantize_4bit(w.bfloat16())
+
+def test_other_bad_input():
+    with pytest.raises(ValueError, match='non-empty'): quantize_4bit(torch.ones(0, 64))
+    with pytest.raises(ValueError, match="quant_type must be one of"): quantize_4bit(weight((64, 64)), quant_type='int4')
+    with pytest.raises(TypeError, match='torch.Tensor'): quantize_4bit([[1.0, 2.0]])
+    with pytest.raises(ValueError, match='compute_dtype'): NF4Linear(64, 64, compute_dtype=torch.int8)
+    with pytest.raises(ValueError, match='even number'): pack_nibbles(torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match='strictly between 0.5 and 1'): nf4_code(0.4)
+    with pytest.raises(ValueError, match='NaN or Inf'): quantize_blockwise_8bit(torch.tensor([1.0, float('nan')]), dynamic_code())
+    with pytest.raises(ValueError, match='positive int'): quantize_blockwise_8bit(torch.ones(8), dynamic_code(), 0)
+    with pytest.raises(ValueError, match='at most 256 levels'): quantize_blockwise_8bit(torch.ones(8), torch.linspace(-1, 1, 300))
