@@ -191,6 +191,8 @@ def naive_gptq(weight: torch.Tensor, # (out_features, in_features)
                static_groups: bool = False, # fit group grids from the original weights, before any update
                percdamp: float = .01, # damping, as a fraction of the mean diagonal of H
                name: str = 'layer', # named in warnings
+               divide_twice: bool = False, # divide the update by [H^-1]_cc a second time (the copied mistake)
+               update_inverse: bool = True, # eliminate each rounded column from H^-1 (the copied version never does)
               ) -> GPTQWeight:
     "GPTQ the slow way: one column at a time, the explicit inverse Hessian updated after every column."
     _check_gptq_args(weight, hessian, bits, group_size, static_groups, percdamp)
@@ -203,8 +205,8 @@ def naive_gptq(weight: torch.Tensor, # (out_features, in_features)
         for c in range(W.shape[1]):
             q = grid.round(c, W.T[c:], codes[c])
             d = Hinv[c, c]
-            W[:, c:] -= torch.outer((W[:, c] - q) / d, Hinv[c, c:])        # spread the error over the columns not yet fixed
-            Hinv[c:, c:] -= torch.outer(Hinv[c:, c], Hinv[c, c:]) / d    # column c is fixed now: eliminate it from the inverse
+            W[:, c+1:] -= torch.outer((W[:, c] - q) / d, Hinv[c, c+1:]) / (d if divide_twice else 1)  # spread the error over the columns not yet fixed
+            if update_inverse: Hinv[c:, c:] -= torch.outer(Hinv[c:, c], Hinv[c, c:]) / d  # column c is fixed now: eliminate it from the inverse
         return grid.result(codes.T, damping)
 
 # %% ../nbs/04_gptq.ipynb #125066f0
@@ -216,18 +218,8 @@ def column_by_column(weight: torch.Tensor, # (out_features, in_features)
                      percdamp: float = .01, # damping, as a fraction of the mean diagonal of H
                     ) -> torch.Tensor:
     "Fixed-order GPTQ with an explicit inverse, as a dequantized weight; the two switches reproduce the copied mistakes."
-    _check_gptq_args(weight, hessian, bits, 'channel', False, percdamp)
-    with _one_cpu_thread(weight.device):
-        W, H, _ = _prepare(weight, hessian, act_order=False)
-        _, damping = damped_inverse_cholesky(H, percdamp)
-        Hinv = torch.linalg.inv(H + damping * torch.eye(len(H), dtype=H.dtype, device=H.device))
-        grid, codes = _ColumnGrid(W, bits, 'channel', False, False, None), torch.empty_like(W.T)
-        for i in range(W.shape[1]):
-            q = grid.round(i, W.T[i:], codes[i])
-            error = (W[:, i] - q) / Hinv[i, i]
-            W[:, i+1:] -= torch.outer(error, Hinv[i, i+1:]) / (Hinv[i, i] if divide_twice else 1)
-            if update_inverse: Hinv[i:, i:] -= torch.outer(Hinv[i:, i], Hinv[i, i:]) / Hinv[i, i]
-        return grid.result(codes.T, damping).dequantize(weight.dtype)
+    return naive_gptq(weight, hessian, bits, percdamp=percdamp, divide_twice=divide_twice,
+                      update_inverse=update_inverse).dequantize(weight.dtype)
 
 # %% ../nbs/04_gptq.ipynb #1558c608
 def gptq_quantize(weight: torch.Tensor, # (out_features, in_features)
