@@ -1,0 +1,154 @@
+"""Why chapter 04's GPTQ table looks the way it does: variants of our GPTQ (and the reference's) on the course model.
+
+bench/gptq_table.py compares round-to-nearest, our GPTQ and IST-DASLab's reference GPTQ in 8 settings. This script
+re-runs single pieces of that comparison with one thing changed, to find out what moves the perplexity:
+- seed1, seed2: our GPTQ on a different random draw of the calibration windows (same novels, same size). The spread
+  over seeds 0, 1, 2 is how much perplexity moves for reasons that have nothing to do with the algorithm;
+- float32_scales: our GPTQ rounding against float32 scales and keeping the float weights (as the reference does)
+  instead of rounding scales up to float16 first (as stored);
+- static_groups: group grids fitted on the original weights, before any update (the reference's --static-groups);
+- stale_group_grid: groups found on the fly the way the reference's code does it: a group that starts inside a lazy
+  block of 128 columns is fitted on the weights as they stood when the block began (before that block's own updates);
+- as_reference: both of the reference's habits at once (float32 scales and the stale group grid); on single layers
+  this gives the reference's weights to float32 rounding (for per-channel grids, float32_scales alone does);
+- reference_static_groups: the reference itself with static_groups=True.
+Every row uses the settings of gptq_table.py (asymmetric, damping 1%, block 128) and the budget of the machine
+('full' on CUDA). Writes --out (default bench/results/gptq_ablation.json) after every row, naming the card, merging
+with rows already there when the card and budget match (so a run can be split over several calls with --variants).
+`--quick` runs on a 2-block model with tiny data to show the script works on a CPU; its numbers mean nothing.
+"""
+import argparse, contextlib, copy, json, tempfile
+from pathlib import Path
+import torch
+import transformers
+import quantcourse.gptq as gptq
+from quantcourse.core import Budget, load_model, get_budget, calibration_samples, evaluate, default_device
+from gptq_speed import check_correctness, device_name
+from gptq_table import ALL_SETTINGS, load_reference, quantize_model_reference, timed, parse_setting
+
+GROUPED = [s for s in ALL_SETTINGS if s[1] != 'channel']
+VARIANTS = {'seed1': ALL_SETTINGS, 'seed2': ALL_SETTINGS, 'float32_scales': ALL_SETTINGS, 'static_groups': GROUPED,
+            'stale_group_grid': GROUPED, 'as_reference': GROUPED, 'reference_static_groups': GROUPED}
+
+
+class StaleGroupGrid(gptq._ColumnGrid):
+    "Groups found on the fly from the weights as they stood at the start of the current lazy block (the reference's way)."
+    block = 128
+    def round(self, column, upcoming, codes):
+        if self.on_the_fly and column % self.block == 0: self.snapshot = upcoming[:self.block].clone()
+        if self.on_the_fly and column % self.group_size == 0:
+            start = column % self.block
+            self.fit(self.snapshot[start:start + self.group_size].T)
+        on_the_fly, self.on_the_fly = self.on_the_fly, False  # the parent must not fit again; it finds the group by index
+        try:
+            if on_the_fly: self.order = None  # group = column // group_size, as in the parent's on-the-fly branch
+            return super().round(column, upcoming, codes)
+        finally: self.on_the_fly = on_the_fly
+
+
+class Float32Grid(gptq._ColumnGrid):
+    "Grids with float32 scales, as the reference keeps them (ours rounds them up to float16 before choosing codes)."
+    def fit(self, columns):
+        scale, zero = gptq._scale_zero(columns.float(), self.bits, self.symmetric, None)
+        self.params.append((scale[:, 0], 1 / scale[:, 0], None if zero is None else zero[:, 0]))
+
+    def result(self, codes, damping, losses=None):
+        out = super().result(codes, damping, losses)
+        out.quantized.scale = torch.stack([s for s, _, _ in self.params], 1)  # not rounded to float16 for storage
+        return out
+
+
+class ReferenceLikeGrid(StaleGroupGrid, Float32Grid):
+    "Both of the reference's habits: float32 scales, and group grids fitted at the start of each lazy block."
+
+
+@contextlib.contextmanager
+def patched(**names):
+    "Replace attributes of quantcourse.gptq for the duration."
+    old = {k: getattr(gptq, k) for k in names}
+    for k, v in names.items(): setattr(gptq, k, v)
+    try: yield
+    finally:
+        for k, v in old.items(): setattr(gptq, k, v)
+
+
+def run_variant(variant, model, tokenizer, budget, calibrations, bits, group, act_order, reference):
+    "Quantize `model` (a copy) as `variant` says; return the seconds it took."
+    calibration = calibrations[int(variant[-1])] if variant.startswith('seed') else calibrations[0]
+    def ours(m, **extra): gptq.quantize_model_gptq(m, calibration, bits, group, act_order=act_order, progress=False, **extra)
+    if variant.startswith('seed'): return timed(ours, model, calibration.device)
+    if variant == 'static_groups': return timed(lambda m: ours(m, static_groups=True), model, calibration.device)
+    if variant == 'stale_group_grid':
+        with patched(_ColumnGrid=StaleGroupGrid): return timed(ours, model, calibration.device)
+    if variant == 'float32_scales':  # keep the dequantized float weights: packing would round the scales to float16
+        with patched(_ColumnGrid=Float32Grid, replace_linears=lambda *args, **kwargs: None): return timed(ours, model, calibration.device)
+    if variant == 'as_reference':
+        with patched(_ColumnGrid=ReferenceLikeGrid, replace_linears=lambda *args, **kwargs: None): return timed(ours, model, calibration.device)
+    if variant == 'reference_static_groups':
+        def theirs(m):
+            with patched_reference_static(reference): quantize_model_reference(m, calibration, bits, group, act_order, reference)
+        return timed(theirs, model, calibration.device)
+    raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+
+
+@contextlib.contextmanager
+def patched_reference_static(reference):
+    "Make the reference's fasterquant run with static_groups=True (gptq_table.py calls it with False)."
+    cls = reference[0].GPTQ
+    original = cls.fasterquant
+    def fasterquant(self, *args, **kwargs): return original(self, *args, **{**kwargs, 'static_groups': True})
+    cls.fasterquant = fasterquant
+    try: yield
+    finally: cls.fasterquant = original
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--variants', nargs='*', default=list(VARIANTS), help=f'some of {list(VARIANTS)}')
+    parser.add_argument('--settings', nargs='*', type=parse_setting, help='a subset, as bits-group-actorder: 4-64-1 3-channel-0')
+    parser.add_argument('--reference', default='.gpu/ref', help="folder holding IST-DASLab's gptq.py and quant.py")
+    parser.add_argument('--out', help="default: bench/results/gptq_ablation.json; with --quick, in the temporary folder")
+    parser.add_argument('--quick', action='store_true', help='2 blocks, tiny data: shows the script works')
+    args = parser.parse_args()
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown: parser.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+    args.out = Path(args.out or (Path(tempfile.gettempdir())/'gptq_ablation.quick.json' if args.quick
+                                 else Path(__file__).resolve().parent/'results'/'gptq_ablation.json'))
+    reference = load_reference(Path(args.reference)) if 'reference_static_groups' in args.variants else None
+    device = default_device()
+    if device.type == 'cpu': torch.set_num_threads(1)
+    correctness = check_correctness(device)
+    print(correctness, flush=True)
+    model, tokenizer = load_model(device=device)
+    if args.quick:
+        budget = Budget('quick', calib_samples=4, calib_seq_len=64, eval_tokens=512, context=256)
+        model.model.layers = model.model.layers[:2]
+    else: budget = get_budget()
+    calibrations = {seed: calibration_samples(tokenizer, budget.calib_samples, budget.calib_seq_len, seed=seed).to(device)
+                    for seed in (0, 1, 2)}
+    float_model = evaluate(model, tokenizer, budget, progress=False)
+    header = dict(device=device_name(device), torch=torch.__version__, transformers=transformers.__version__, quick=args.quick,
+                  budget=str(budget), correctness=correctness, text=float_model['text'], tokens=float_model['tokens'],
+                  context=float_model['context'], reference_model_perplexity=float_model['perplexity'],
+                  calibration=f"{budget.calib_samples} x {budget.calib_seq_len} tokens of the other five novels; seed 0 "
+                              "unless the variant names another",
+                  variants=__doc__.split('re-runs')[1].split('Every row')[0].strip())
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    same_run = all(previous.get(k) == header[k] for k in ('device', 'budget', 'quick'))
+    rows = {(r['variant'], r['bits'], r['group'], r['act_order']): r for r in previous.get('rows', [])} if same_run else {}
+    for variant in args.variants:
+        for bits, group, act_order in VARIANTS[variant]:
+            if args.settings and (bits, group, act_order) not in args.settings: continue
+            quantized = copy.deepcopy(model)
+            seconds = run_variant(variant, quantized, tokenizer, budget, calibrations, bits, group, act_order, reference)
+            row = dict(variant=variant, bits=bits, group=group, act_order=act_order, seconds=seconds,
+                       perplexity=evaluate(quantized, tokenizer, budget, progress=False)['perplexity'])
+            del quantized
+            print(row, flush=True)
+            rows[variant, bits, group, act_order] = row
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(dict(header, rows=list(rows.values())), indent=1) + '\n')
+    print(f"wrote {args.out}")
+
+
+if __name__ == '__main__': main()
