@@ -17,7 +17,7 @@ Every row uses the settings of gptq_table.py (asymmetric, damping 1%, block 128)
 with rows already there when the card and budget match (so a run can be split over several calls with --variants).
 `--quick` runs on a 2-block model with tiny data to show the script works on a CPU; its numbers mean nothing.
 """
-import argparse, contextlib, copy, json, tempfile
+import argparse, contextlib, copy, io, json, tempfile
 from pathlib import Path
 import torch
 import transformers
@@ -72,6 +72,25 @@ def patched(**names):
         for k, v in old.items(): setattr(gptq, k, v)
 
 
+def check_as_reference(reference, device) -> str:
+    "On random layers, ours with both of the reference's habits must give the reference's weights, up to float32 rounding."
+    reference_gptq, reference_quant = reference
+    gen, worst = torch.Generator().manual_seed(0), 0.0
+    for act_order in (False, True):
+        weight = torch.randn(64, 512, generator=gen).to(device)
+        inputs = (torch.randn(4096, 512, generator=gen) * (0.1 + 3 * torch.rand(512, generator=gen))).to(device)
+        layer = torch.nn.Linear(512, 64, bias=False).to(device); layer.weight.data = weight.clone()
+        worker = reference_gptq.GPTQ(layer); worker.quantizer = reference_quant.Quantizer()
+        worker.quantizer.configure(4, perchannel=True, sym=False, mse=False)
+        worker.add_batch(inputs[None], None)
+        hessian = worker.H.clone()
+        with contextlib.redirect_stdout(io.StringIO()): worker.fasterquant(percdamp=.01, groupsize=64, actorder=act_order)
+        with patched(_ColumnGrid=ReferenceLikeGrid): ours = gptq.gptq_quantize(weight, hessian, 4, 64, act_order=act_order)
+        worst = max(worst, (ours.dequantize() - layer.weight.data).abs().max().item())
+    if worst > 1e-5: raise AssertionError(f"ours with the reference's habits differs from the reference by {worst:.3g}")
+    return f"ours with the reference's habits gives the reference's weights to {worst:.1e} (64 x 512 layers, 4-bit g64, with and without act order)"
+
+
 def run_variant(variant, model, tokenizer, budget, calibrations, bits, group, act_order, reference):
     "Quantize `model` (a copy) as `variant` says; return the seconds it took."
     calibration = calibrations[int(variant[-1])] if variant.startswith('seed') else calibrations[0]
@@ -114,10 +133,12 @@ def main():
     if unknown: parser.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     args.out = Path(args.out or (Path(tempfile.gettempdir())/'gptq_ablation.quick.json' if args.quick
                                  else Path(__file__).resolve().parent/'results'/'gptq_ablation.json'))
-    reference = load_reference(Path(args.reference)) if 'reference_static_groups' in args.variants else None
+    have_reference = all((Path(args.reference)/f).exists() for f in ('gptq.py', 'quant.py'))
+    if 'reference_static_groups' in args.variants or have_reference: reference = load_reference(Path(args.reference))  # exits if missing
+    else: reference = None; print(f"no reference code in {args.reference}: running our variants only", flush=True)
     device = default_device()
     if device.type == 'cpu': torch.set_num_threads(1)
-    correctness = check_correctness(device)
+    correctness = check_correctness(device) + ('' if reference is None else '; ' + check_as_reference(reference, device))
     print(correctness, flush=True)
     model, tokenizer = load_model(device=device)
     if args.quick:
