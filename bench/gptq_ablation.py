@@ -7,11 +7,13 @@ re-runs single pieces of that comparison with one thing changed, to find out wha
 - float32_scales: our GPTQ rounding against float32 scales and keeping the float weights (as the reference does)
   instead of rounding scales up to float16 first (as stored);
 - static_groups: group grids fitted on the original weights, before any update (the reference's --static-groups);
+  static_groups_seed1, static_groups_seed2: the same on the other two calibration draws;
 - stale_group_grid: groups found on the fly the way the reference's code does it: a group that starts inside a lazy
   block of 128 columns is fitted on the weights as they stood when the block began (before that block's own updates);
 - as_reference: both of the reference's habits at once (float32 scales and the stale group grid); on single layers
   this gives the reference's weights to float32 rounding (for per-channel grids, float32_scales alone does);
-- reference_static_groups: the reference itself with static_groups=True.
+- reference_static_groups: the reference itself with static_groups=True;
+- reference_seed1: the reference itself on calibration draw 1 (its seed-0 run is gptq_table.py's).
 Every row uses the settings of gptq_table.py (asymmetric, damping 1%, block 128) and the budget of the machine
 ('full' on CUDA). Writes --out (default bench/results/gptq_ablation.json) after every row, naming the card, merging
 with rows already there when the card and budget match (so a run can be split over several calls with --variants).
@@ -28,7 +30,8 @@ from gptq_table import ALL_SETTINGS, load_reference, quantize_model_reference, t
 
 GROUPED = [s for s in ALL_SETTINGS if s[1] != 'channel']
 VARIANTS = {'seed1': ALL_SETTINGS, 'seed2': ALL_SETTINGS, 'float32_scales': ALL_SETTINGS, 'static_groups': GROUPED,
-            'stale_group_grid': GROUPED, 'as_reference': GROUPED, 'reference_static_groups': GROUPED}
+            'stale_group_grid': GROUPED, 'as_reference': GROUPED, 'reference_static_groups': GROUPED,
+            'static_groups_seed1': GROUPED, 'static_groups_seed2': GROUPED, 'reference_seed1': ALL_SETTINGS}
 
 
 class StaleGroupGrid(gptq._ColumnGrid):
@@ -93,7 +96,8 @@ def check_as_reference(reference, device) -> str:
 
 def run_variant(variant, model, tokenizer, budget, calibrations, bits, group, act_order, reference):
     "Quantize `model` (a copy) as `variant` says; return the seconds it took."
-    calibration = calibrations[int(variant[-1])] if variant.startswith('seed') else calibrations[0]
+    calibration = calibrations[int(variant[-1])] if variant[-5:-1] == 'seed' else calibrations[0]  # 'seed1', 'static_groups_seed2'
+    variant = variant.removesuffix('_seed1').removesuffix('_seed2')
     def ours(m, **extra): gptq.quantize_model_gptq(m, calibration, bits, group, act_order=act_order, progress=False, **extra)
     if variant.startswith('seed'): return timed(ours, model, calibration.device)
     if variant == 'static_groups': return timed(lambda m: ours(m, static_groups=True), model, calibration.device)
@@ -103,6 +107,8 @@ def run_variant(variant, model, tokenizer, budget, calibrations, bits, group, ac
         with patched(_ColumnGrid=Float32Grid, replace_linears=lambda *args, **kwargs: None): return timed(ours, model, calibration.device)
     if variant == 'as_reference':
         with patched(_ColumnGrid=ReferenceLikeGrid, replace_linears=lambda *args, **kwargs: None): return timed(ours, model, calibration.device)
+    if variant == 'reference':
+        return timed(lambda m: quantize_model_reference(m, calibration, bits, group, act_order, reference), model, calibration.device)
     if variant == 'reference_static_groups':
         def theirs(m):
             with patched_reference_static(reference): quantize_model_reference(m, calibration, bits, group, act_order, reference)
@@ -134,7 +140,7 @@ def main():
     args.out = Path(args.out or (Path(tempfile.gettempdir())/'gptq_ablation.quick.json' if args.quick
                                  else Path(__file__).resolve().parent/'results'/'gptq_ablation.json'))
     have_reference = all((Path(args.reference)/f).exists() for f in ('gptq.py', 'quant.py'))
-    if 'reference_static_groups' in args.variants or have_reference: reference = load_reference(Path(args.reference))  # exits if missing
+    if any(v.startswith('reference') for v in args.variants) or have_reference: reference = load_reference(Path(args.reference))  # exits if missing
     else: reference = None; print(f"no reference code in {args.reference}: running our variants only", flush=True)
     device = default_device()
     if device.type == 'cpu': torch.set_num_threads(1)
