@@ -39,14 +39,14 @@ class StaleGroupGrid(gptq._ColumnGrid):
     block = 128
     def round(self, column, upcoming, codes):
         if self.on_the_fly and column % self.block == 0: self.snapshot = upcoming[:self.block].clone()
-        if self.on_the_fly and column % self.group_size == 0:
-            start = column % self.block
-            self.fit(self.snapshot[start:start + self.group_size].T)
-        on_the_fly, self.on_the_fly = self.on_the_fly, False  # the parent must not fit again; it finds the group by index
-        try:
-            if on_the_fly: self.order = None  # group = column // group_size, as in the parent's on-the-fly branch
-            return super().round(column, upcoming, codes)
-        finally: self.on_the_fly = on_the_fly
+        self.column = column
+        return super().round(column, upcoming, codes)
+
+    def fit(self, columns):
+        if self.on_the_fly:  # fit the group starting at this column on its weights as they stood when the block began
+            start = self.column % self.block
+            columns = self.snapshot[start:start + self.group_size].T
+        super().fit(columns)
 
 
 class Float32Grid(gptq._ColumnGrid):
@@ -66,13 +66,13 @@ class ReferenceLikeGrid(StaleGroupGrid, Float32Grid):
 
 
 @contextlib.contextmanager
-def patched(**names):
-    "Replace attributes of quantcourse.gptq for the duration."
-    old = {k: getattr(gptq, k) for k in names}
-    for k, v in names.items(): setattr(gptq, k, v)
+def patched(target, **attributes):
+    "Replace attributes of `target` (a module or a class) for the duration."
+    old = {k: getattr(target, k) for k in attributes}
+    for k, v in attributes.items(): setattr(target, k, v)
     try: yield
     finally:
-        for k, v in old.items(): setattr(gptq, k, v)
+        for k, v in old.items(): setattr(target, k, v)
 
 
 def check_as_reference(reference, device) -> str:
@@ -88,43 +88,34 @@ def check_as_reference(reference, device) -> str:
         worker.add_batch(inputs[None], None)
         hessian = worker.H.clone()
         with contextlib.redirect_stdout(io.StringIO()): worker.fasterquant(percdamp=.01, groupsize=64, actorder=act_order)
-        with patched(_ColumnGrid=ReferenceLikeGrid): ours = gptq.gptq_quantize(weight, hessian, 4, 64, act_order=act_order)
+        with patched(gptq, _ColumnGrid=ReferenceLikeGrid): ours = gptq.gptq_quantize(weight, hessian, 4, 64, act_order=act_order)
         worst = max(worst, (ours.dequantize() - layer.weight.data).abs().max().item())
     if worst > 1e-5: raise AssertionError(f"ours with the reference's habits differs from the reference by {worst:.3g}")
     return f"ours with the reference's habits gives the reference's weights to {worst:.1e} (64 x 512 layers, 4-bit g64, with and without act order)"
 
 
-def run_variant(variant, model, tokenizer, budget, calibrations, bits, group, act_order, reference):
+KEEP_FLOATS = dict(replace_linears=lambda *args, **kwargs: None)  # keep the float weights: packing would round scales to float16
+OURS = {  # variant: (extra arguments of quantize_model_gptq, attributes of quantcourse.gptq to replace)
+    'seed': ({}, {}), 'static_groups': (dict(static_groups=True), {}), 'stale_group_grid': ({}, dict(_ColumnGrid=StaleGroupGrid)),
+    'float32_scales': ({}, dict(_ColumnGrid=Float32Grid, **KEEP_FLOATS)), 'as_reference': ({}, dict(_ColumnGrid=ReferenceLikeGrid, **KEEP_FLOATS))}
+
+
+def run_variant(variant, model, calibrations, bits, group, act_order, reference):
     "Quantize `model` (a copy) as `variant` says; return the seconds it took."
     calibration = calibrations[int(variant[-1])] if variant[-5:-1] == 'seed' else calibrations[0]  # 'seed1', 'static_groups_seed2'
-    variant = variant.removesuffix('_seed1').removesuffix('_seed2')
-    def ours(m, **extra): gptq.quantize_model_gptq(m, calibration, bits, group, act_order=act_order, progress=False, **extra)
-    if variant.startswith('seed'): return timed(ours, model, calibration.device)
-    if variant == 'static_groups': return timed(lambda m: ours(m, static_groups=True), model, calibration.device)
-    if variant == 'stale_group_grid':
-        with patched(_ColumnGrid=StaleGroupGrid): return timed(ours, model, calibration.device)
-    if variant == 'float32_scales':  # keep the dequantized float weights: packing would round the scales to float16
-        with patched(_ColumnGrid=Float32Grid, replace_linears=lambda *args, **kwargs: None): return timed(ours, model, calibration.device)
-    if variant == 'as_reference':
-        with patched(_ColumnGrid=ReferenceLikeGrid, replace_linears=lambda *args, **kwargs: None): return timed(ours, model, calibration.device)
-    if variant == 'reference':
-        return timed(lambda m: quantize_model_reference(m, calibration, bits, group, act_order, reference), model, calibration.device)
-    if variant == 'reference_static_groups':
-        def theirs(m):
-            with patched_reference_static(reference): quantize_model_reference(m, calibration, bits, group, act_order, reference)
-        return timed(theirs, model, calibration.device)
-    raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
-
-
-@contextlib.contextmanager
-def patched_reference_static(reference):
-    "Make the reference's fasterquant run with static_groups=True (gptq_table.py calls it with False)."
-    cls = reference[0].GPTQ
-    original = cls.fasterquant
-    def fasterquant(self, *args, **kwargs): return original(self, *args, **{**kwargs, 'static_groups': True})
-    cls.fasterquant = fasterquant
-    try: yield
-    finally: cls.fasterquant = original
+    variant = 'seed' if variant.startswith('seed') else variant.removesuffix('_seed1').removesuffix('_seed2')
+    if variant in OURS:
+        extra, attributes = OURS[variant]
+        def quantize(m):
+            with patched(gptq, **attributes): gptq.quantize_model_gptq(m, calibration, bits, group, act_order=act_order, progress=False, **extra)
+    elif variant in ('reference', 'reference_static_groups'):
+        fasterquant = reference[0].GPTQ.fasterquant  # gptq_table.py calls it with static_groups=False
+        static = dict(fasterquant=lambda self, *args, **kwargs: fasterquant(self, *args, **{**kwargs, 'static_groups': True}))
+        def quantize(m):
+            with patched(reference[0].GPTQ, **(static if variant == 'reference_static_groups' else {})):
+                quantize_model_reference(m, calibration, bits, group, act_order, reference)
+    else: raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+    return timed(quantize, model, calibration.device)
 
 
 def main():
@@ -167,7 +158,7 @@ def main():
         for bits, group, act_order in VARIANTS[variant]:
             if args.settings and (bits, group, act_order) not in args.settings: continue
             quantized = copy.deepcopy(model)
-            seconds = run_variant(variant, quantized, tokenizer, budget, calibrations, bits, group, act_order, reference)
+            seconds = run_variant(variant, quantized, calibrations, bits, group, act_order, reference)
             row = dict(variant=variant, bits=bits, group=group, act_order=act_order, seconds=seconds,
                        perplexity=evaluate(quantized, tokenizer, budget, progress=False)['perplexity'])
             del quantized

@@ -21,7 +21,7 @@ import torch
 import transformers
 from quantcourse.core import Budget, load_model, get_budget, calibration_samples, evaluate, default_device
 from quantcourse.scales import quantize_model_rtn
-from quantcourse.gptq import GPTQLinear, quantize_model_gptq, first_block_inputs, _blocks, _run_block
+from quantcourse.gptq import model_bits, quantize_model_gptq, first_block_inputs, _blocks, _run_block
 from gptq_speed import check_correctness, sync, device_name
 
 ALL_SETTINGS = [(bits, group, act) for bits in (4, 3) for group in ('channel', 64) for act in (False, True)]
@@ -67,13 +67,6 @@ def quantize_model_reference(model, calibration, bits, group, act_order, referen
                                        static_groups=False)
                 worker.free()
         hidden = _run_block(block, hidden, kwargs)
-
-
-def mean_bits_per_weight(model) -> float:
-    "Stored bits per weight over the model's `GPTQLinear` layers."
-    layers = [m for m in model.modules() if isinstance(m, GPTQLinear)]
-    sizes = [m.in_features * m.out_features for m in layers]
-    return sum(m.bits_per_weight * n for m, n in zip(layers, sizes)) / sum(sizes)
 
 
 def timed(quantize, model, device) -> float:
@@ -137,7 +130,7 @@ def main():
         ours = copy.deepcopy(model)
         row['ours_seconds'] = timed(lambda m: quantize_model_gptq(m, calibration, bits, group, act_order=act_order, progress=False), ours, device)
         row['ours_perplexity'] = evaluate(ours, tokenizer, budget, progress=False)['perplexity']
-        row['ours_bits_per_weight'] = mean_bits_per_weight(ours)
+        row['ours_bits_per_weight'] = model_bits(ours)
         del ours
         theirs = copy.deepcopy(model)
         row['reference_seconds'] = timed(lambda m: quantize_model_reference(m, calibration, bits, group, act_order, reference), theirs, device)

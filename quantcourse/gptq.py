@@ -17,7 +17,7 @@ from .scales import _check_bits, _check_group_size, _check_weight, _scale_zero
 
 # %% auto #0
 __all__ = ['Hessian', 'reconstruction_error', 'GPTQWeight', 'damped_inverse_cholesky', 'naive_gptq', 'column_by_column',
-           'gptq_quantize', 'first_block_inputs', 'GPTQLinear', 'quantize_model_gptq', 'save_quantized',
+           'gptq_quantize', 'first_block_inputs', 'GPTQLinear', 'quantize_model_gptq', 'model_bits', 'save_quantized',
            'load_quantized']
 
 # %% ../nbs/04_gptq.ipynb #8e7794b1
@@ -370,6 +370,15 @@ def quantize_model_gptq(model, calibration: torch.Tensor, # (n_samples, seq_len)
         with _one_cpu_thread(hidden.device):
             replace_linears(block, lambda name, linear: GPTQLinear.from_quantized(done[name], linear.bias), list(done))
     return report
+
+# %% ../nbs/04_gptq.ipynb #a70fabfa
+def model_bits(model) -> float:
+    "Mean stored bits per weight over the quantized linear layers of `model` (codes, scales, zero-points, column orders)."
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    bits = [m.bits_per_weight if isinstance(m, GPTQLinear) else
+            bits_per_weight(m.bits, m.group_size, m.in_features, 16, None if m.symmetric else m.bits, m.out_features) for m in layers]
+    sizes = [m.in_features * m.out_features for m in layers]
+    return sum(b * n for b, n in zip(bits, sizes)) / sum(sizes)
 
 # %% ../nbs/04_gptq.ipynb #a36d56d5
 def save_quantized(model, path: str|Path) -> Path:
