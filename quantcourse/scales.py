@@ -85,7 +85,8 @@ def quantize_codes(weight: torch.Tensor, # floats, broadcastable against scale a
                   ) -> torch.Tensor:
     "Integer codes `clamp(round(weight/scale + zero))`, round half to even, as int8 (symmetric) or uint8."
     qmin, qmax = qrange(bits, symmetric)
-    x = weight.float() * (1 / scale.float())
+    inverse = 1 / scale.float()  # multiply by the reciprocal, as torch's kernels do, while it is finite
+    x = weight.float() * inverse if torch.isfinite(inverse).all() else weight.float() / scale.float()
     if zero is not None: x = x + zero.float()
     return torch.round(x).clamp(qmin, qmax).to(torch.int8 if symmetric else torch.uint8)
 
