@@ -15,8 +15,9 @@ re-runs single pieces of that comparison with one thing changed, to find out wha
 - reference_static_groups: the reference itself with static_groups=True;
 - reference_seed1: the reference itself on calibration draw 1 (its seed-0 run is gptq_table.py's).
 Every row uses the settings of gptq_table.py (asymmetric, damping 1%, block 128) and the budget of the machine
-('full' on CUDA). Writes --out (default bench/results/gptq_ablation.json) after every row, naming the card, merging
-with rows already there when the card and budget match (so a run can be split over several calls with --variants).
+('full' on CUDA). Writes --out (default bench/results/gptq_ablation.json) after every row, naming the card, the commit
+and the time (benchmeta.run_metadata; each row names its own run's too), merging with rows already there when the card
+and budget match (so a run can be split over several calls with --variants).
 `--quick` runs on a 2-block model with tiny data to show the script works on a CPU; its numbers mean nothing.
 """
 import argparse, contextlib, copy, io, json, tempfile
@@ -25,7 +26,8 @@ import torch
 import transformers
 import quantcourse.gptq as gptq
 from quantcourse.core import Budget, load_model, get_budget, calibration_samples, evaluate, default_device
-from gptq_speed import check_correctness, device_name
+from benchmeta import run_metadata
+from gptq_speed import check_correctness
 from gptq_table import ALL_SETTINGS, load_reference, quantize_model_reference, timed, parse_setting
 
 GROUPED = [s for s in ALL_SETTINGS if s[1] != 'channel']
@@ -145,12 +147,15 @@ def main():
     calibrations = {seed: calibration_samples(tokenizer, budget.calib_samples, budget.calib_seq_len, seed=seed).to(device)
                     for seed in (0, 1, 2)}
     float_model = evaluate(model, tokenizer, budget, progress=False)
-    header = dict(device=device_name(device), torch=torch.__version__, transformers=transformers.__version__, quick=args.quick,
+    meta = run_metadata(device)
+    header = dict(**meta, transformers=transformers.__version__, quick=args.quick,
                   budget=str(budget), correctness=correctness, text=float_model['text'], tokens=float_model['tokens'],
                   context=float_model['context'], reference_model_perplexity=float_model['perplexity'],
                   calibration=f"{budget.calib_samples} x {budget.calib_seq_len} tokens of the other five novels; seed 0 "
                               "unless the variant names another",
-                  variants=__doc__.split('re-runs')[1].split('Every row')[0].strip())
+                  variants=__doc__.split('re-runs')[1].split('Every row')[0].strip(),
+                  rows_from="commit, dirty and recorded above are the latest run's; each row names the commit and time of the "
+                            "run that made it (rows merged from earlier runs keep theirs; rows without them predate that)")
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     same_run = all(previous.get(k) == header[k] for k in ('device', 'budget', 'quick'))
     rows = {(r['variant'], r['bits'], r['group'], r['act_order']): r for r in previous.get('rows', [])} if same_run else {}
@@ -160,7 +165,8 @@ def main():
             quantized = copy.deepcopy(model)
             seconds = run_variant(variant, quantized, calibrations, bits, group, act_order, reference)
             row = dict(variant=variant, bits=bits, group=group, act_order=act_order, seconds=seconds,
-                       perplexity=evaluate(quantized, tokenizer, budget, progress=False)['perplexity'])
+                       perplexity=evaluate(quantized, tokenizer, budget, progress=False)['perplexity'],
+                       commit=meta['commit'], dirty=meta['dirty'], recorded=meta['recorded'])
             del quantized
             print(row, flush=True)
             rows[variant, bits, group, act_order] = row

@@ -7,7 +7,8 @@ Checks correctness on the device first (the fast GPTQ against the slow column-by
 - quantizes the whole course model end to end (4 bits, groups of 64, activation order), and with round-to-nearest
   for comparison, and evaluates both on the evaluation text under the budget of the machine ('full' on CUDA).
   (Every setting, beside the reference implementation, is bench/gptq_table.py's job.)
-Writes a JSON naming the card to --out (default bench/results/gptq_speed.json).
+Writes a JSON naming the card, the commit and the time (benchmeta.run_metadata) to --out
+(default bench/results/gptq_speed.json).
 `--quick` runs tiny sizes (on a CPU too) to show the script works; its numbers mean nothing.
 """
 import argparse, copy, json, tempfile, time
@@ -17,17 +18,11 @@ from quantcourse.core import Budget, load_model, get_budget, calibration_samples
 from quantcourse.scales import quantize_model_rtn
 from quantcourse.gptq import Hessian, damped_inverse_cholesky, gptq_quantize, naive_gptq, quantize_model_gptq
 
-
-def sync(device):
-    if device.type == 'cuda': torch.cuda.synchronize()
-
-
-def device_name(device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
+from benchmeta import run_metadata, sync
 
 
 def check_correctness(device):
-    "The fast version must give the slow version's codes on this device (float64, small random layers)."
+    "The fast version must give the slow version's codes on this device (float64, small random layers); gptq_table.py and gptq_ablation.py use it too."
     gen = torch.Generator().manual_seed(0)
     cases = [dict(group_size='channel'), dict(group_size=32, symmetric=True), dict(group_size=32, bits=3, act_order=True),
              dict(group_size='channel', act_order=True), dict(group_size=32, act_order=True, static_groups=True, symmetric=True)]
@@ -114,7 +109,7 @@ def main():
         print(layers[-1], flush=True)
     model_rows = model_table(device, budget, settings_list)
     for r in model_rows: print(r, flush=True)
-    result = dict(device=device_name(device), torch=torch.__version__, quick=args.quick, correctness=correctness,
+    result = dict(**run_metadata(device), quick=args.quick, correctness=correctness,
                   calibration_tokens=n_samples * seq_len, synthetic_activations=True, budget=str(budget), layers=layers,
                   model=model_rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,9 @@ ways, times the quantization, and measures perplexity on the evaluation novel:
   --reference (they are not part of this repository), driven block by block in their --true-sequential order for
   Llama (keys, values, queries; then the output projection; then up and gate; then down), on the same calibration.
 Before any of that it checks on the device that the fast GPTQ gives the slow column-by-column version's codes.
-Writes a JSON naming the card to --out (default bench/results/gptq_table.json), after every setting, merging
-with the rows already there when the budget and the card are the same (so a long run can be split with --settings).
+Writes a JSON naming the card, the commit and the time (benchmeta.run_metadata; each row names its own run's too) to
+--out (default bench/results/gptq_table.json), after every setting, merging with the rows already there when the budget
+and the card are the same (so a long run can be split with --settings).
 The budget is `get_budget()`: 'full' on CUDA. `--quick` runs two settings on a truncated model with tiny
 calibration and evaluation, to show on a CPU that the script works; its numbers mean nothing.
 """
@@ -22,7 +23,8 @@ import transformers
 from quantcourse.core import Budget, load_model, get_budget, calibration_samples, evaluate, default_device
 from quantcourse.scales import quantize_model_rtn
 from quantcourse.gptq import model_bits, quantize_model_gptq, first_block_inputs, _blocks, _run_block
-from gptq_speed import check_correctness, sync, device_name
+from benchmeta import run_metadata, sync
+from gptq_speed import check_correctness
 
 ALL_SETTINGS = [(bits, group, act) for bits in (4, 3) for group in ('channel', 64) for act in (False, True)]
 TRUE_SEQUENTIAL = [['self_attn.k_proj', 'self_attn.v_proj', 'self_attn.q_proj'], ['self_attn.o_proj'],
@@ -107,7 +109,8 @@ def main():
     calibration = calibration_samples(tokenizer, budget.calib_samples, budget.calib_seq_len, seed=0).to(device)
     float_model = evaluate(model, tokenizer, budget, progress=False)
     out = Path(args.out)
-    header = dict(device=device_name(device), torch=torch.__version__, transformers=transformers.__version__, quick=args.quick,
+    meta = run_metadata(device)
+    header = dict(**meta, transformers=transformers.__version__, quick=args.quick,
                   budget=str(budget), budget_name=budget.name, correctness=correctness, text=float_model['text'],
                   tokens=float_model['tokens'], context=float_model['context'],
                   calibration=f"{budget.calib_samples} x {budget.calib_seq_len} tokens of the other five novels, seed 0",
@@ -115,7 +118,9 @@ def main():
                   reference_code=f"IST-DASLab/gptq gptq.py + quant.py from {args.reference}, true-sequential order, "
                                  f"percdamp 0.01, asymmetric per-channel Quantizer (mse=False), groups found on the fly",
                   how="RTN: quantize_model_rtn (asymmetric); ours: quantize_model_gptq (asymmetric, percdamp 0.01, groups "
-                      "found on the fly); seconds: quantization only, device synchronized")
+                      "found on the fly); seconds: quantization only, device synchronized",
+                  rows_from="commit, dirty and recorded above are the latest run's; each row names the commit and time of the "
+                            "run that made it (rows merged from earlier runs keep theirs; rows without them predate that)")
     previous = json.loads(out.read_text()) if out.exists() else {}
     same_run = all(previous.get(k) == header[k] for k in ('device', 'budget', 'quick'))
     rows = {(r['bits'], r['group'], r['act_order']): r for r in previous.get('rows', [])} if same_run else {}
@@ -126,7 +131,8 @@ def main():
             seconds = timed(lambda m: quantize_model_rtn(m, bits, group, symmetric=False), quantized, device)
             rtn[bits, group] = (evaluate(quantized, tokenizer, budget, progress=False)['perplexity'], seconds)
             del quantized
-        row = dict(bits=bits, group=group, act_order=act_order, rtn_perplexity=rtn[bits, group][0], rtn_seconds=rtn[bits, group][1])
+        row = dict(bits=bits, group=group, act_order=act_order, rtn_perplexity=rtn[bits, group][0], rtn_seconds=rtn[bits, group][1],
+                   commit=meta['commit'], dirty=meta['dirty'], recorded=meta['recorded'])
         ours = copy.deepcopy(model)
         row['ours_seconds'] = timed(lambda m: quantize_model_gptq(m, calibration, bits, group, act_order=act_order, progress=False), ours, device)
         row['ours_perplexity'] = evaluate(ours, tokenizer, budget, progress=False)['perplexity']

