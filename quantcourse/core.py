@@ -15,11 +15,13 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['BUDGETS', 'MODEL_PACKAGE', 'MODEL_NAME', 'INSTALL_MODEL', 'NOVELS', 'TEXT_PACKAGE', 'EVALUATION_NOVEL',
-           'CALIBRATION_NOVELS', 'course_root', 'cache_dir', 'default_device', 'Budget', 'get_budget', 'bundled_gguf',
-           'load_model', 'text_dir', 'fetch_text', 'unwrap', 'load_text', 'tokenize_text', 'eval_tokens',
-           'calibration_samples', 'token_nll', 'perplexity', 'naive_perplexity', 'linear_names', 'capture_inputs',
-           'replace_linears', 'model_size_bytes', 'FrameSlider', 'generate', 'evaluate', 'results_dir',
-           'record_results']
+           'CALIBRATION_NOVELS', 'METHODS', 'course_root', 'cache_dir', 'default_device', 'Budget', 'get_budget',
+           'bundled_gguf', 'load_model', 'text_dir', 'fetch_text', 'unwrap', 'load_text', 'tokenize_text',
+           'eval_tokens', 'calibration_samples', 'token_nll', 'perplexity', 'naive_perplexity', 'linear_names',
+           'capture_inputs', 'replace_linears', 'model_size_bytes', 'check_int', 'check_number', 'check_choice',
+           'check_tensor', 'decoder_blocks', 'block_inputs', 'run_block', 'LinearGroup', 'linear_groups',
+           'QuantizedLinear', 'model_bits', 'dequantized_copy', 'Method', 'register_method', 'layer_classes',
+           'FrameSlider', 'generate', 'evaluate', 'results_dir', 'record_results', 'result_row']
 
 # %% ../nbs/00_core.ipynb #8d910e71
 def course_root() -> Path|None:
@@ -314,12 +316,225 @@ def replace_linears(model, make, # make(name, linear) -> the module to put in it
 
 # %% ../nbs/00_core.ipynb #a27185ab
 def model_size_bytes(model) -> int:
-    "Bytes of all parameters and buffers of `model`, counting shared storage once."
+    "Bytes of all parameters and buffers of `model`, counting shared storage once (and no layer's `qconfig` record)."
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    tensors = list(model.parameters()) + [b for n, b in model.named_buffers() if n.rsplit('.', 1)[-1] != 'qconfig']
+    for t in tensors:
         key = (t.untyped_storage().data_ptr(), t.dtype, t.shape)
         if key not in seen: seen.add(key); total += t.numel() * t.element_size()
     return total
+
+# %% ../nbs/00_core.ipynb #9e443fef
+def check_int(value, name: str, # the argument's name, for the message
+              low: int|None = None, high: int|None = None) -> int:
+    "`value` if it is an int (not a bool) within `[low, high]`; else a TypeError or ValueError naming `name`."
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if None not in (low, high) else (f">= {low}" if high is None else f"<= {high}")
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return value
+
+def check_number(value, name: str, low: float|None = None, high: float|None = None) -> float:
+    "`value` as a float if it is a finite real number (not a bool) within `[low, high]`; else an error naming `name`."
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r} of type {type(value).__name__}")
+    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+        bounds = ''.join([f' >= {low}' if low is not None else '', f' <= {high}' if high is not None else ''])
+        raise ValueError(f"{name} must be a finite number{bounds}, got {value}")
+    return float(value)
+
+def check_choice(value, name: str, choices):
+    "`value` if it is one of `choices`; else a ValueError naming `name` and the choices."
+    if not any(value == c and type(value) is type(c) for c in choices):
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+# %% ../nbs/00_core.ipynb #e3ee5787
+def check_tensor(x, name: str, # the argument's name, for the message
+                 floating: bool = True, # must hold floating-point numbers
+                 finite: bool = True, # must hold no NaN or Inf
+                 nonempty: bool = True, # must have at least one dimension and one element
+                ) -> torch.Tensor:
+    "`x` if it is a tensor of the kind asked for; else a TypeError or ValueError naming `name` and the fix."
+    if not isinstance(x, torch.Tensor): raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}; convert it with .float()")
+    if nonempty and (x.numel() == 0 or x.ndim == 0):
+        raise ValueError(f"{name} must be a non-empty tensor with at least one dimension, got shape {tuple(x.shape)}")
+    if finite and x.is_floating_point() and x.numel():
+        low, high = torch.aminmax(x.detach())  # NaN reaches both, an Inf one of them: one cheap pass
+        if not (math.isfinite(low.item()) and math.isfinite(high.item())):
+            raise ValueError(f"{name} holds {(~torch.isfinite(x)).sum().item()} NaN or Inf value(s); pass finite numbers")
+    return x
+
+# %% ../nbs/00_core.ipynb #46976d88
+def decoder_blocks(model) -> tuple[str, nn.ModuleList]:
+    "Name and `nn.ModuleList` of a decoder's repeated blocks: the longest list of same-class modules with linears."
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)
+             and len({type(b) for b in m}) == 1 and any(isinstance(x, nn.Linear) for x in m[0].modules())]
+    if not lists: raise ValueError(f"{type(model).__name__} has no list of repeated blocks holding nn.Linear layers; "
+                                   "quantize_model works on decoder-only transformers")
+    return max(lists, key=lambda item: len(item[1]))
+
+# %% ../nbs/00_core.ipynb #fdc07173
+class _StopForward(Exception): "Raised by a hook once everything needed has been caught."
+
+@torch.no_grad()
+def block_inputs(model, tokens: torch.Tensor, # (n_samples, seq_len) token ids
+                ) -> tuple[torch.Tensor, list[dict]]:
+    "The hidden states entering the first block, and the keyword arguments the model passes to *each* block."
+    _, blocks = decoder_blocks(model)
+    hidden, kwargs = [], [None] * len(blocks)
+    def catch(index):
+        def hook(module, args, block_kwargs):
+            block_kwargs = dict(block_kwargs)
+            if index == 0: hidden.append(args[0] if args else block_kwargs['hidden_states'])
+            block_kwargs.pop('hidden_states', None); kwargs[index] = block_kwargs
+            if index == len(blocks) - 1: raise _StopForward
+        return hook
+    handles = [b.register_forward_pre_hook(catch(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try: model(tokens.to(next(model.parameters()).device), use_cache=False)
+    except _StopForward: pass
+    finally:
+        for h in handles: h.remove()
+    return hidden[0], kwargs
+
+def run_block(block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    "The block's output hidden states (transformers returns a tensor or a tuple, depending on model and version)."
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+# %% ../nbs/00_core.ipynb #35325ebd
+@dataclass
+class LinearGroup:
+    "Linear layers of a block that read one and the same input tensor, and the module that produced it."
+    names: list[str]   # names inside the block, in the order they are called
+    source: str|None   # name inside the block of the module whose output they read (None: the block's input)
+
+@torch.no_grad()
+def linear_groups(block, hidden: torch.Tensor, kwargs: dict) -> list[LinearGroup]:
+    "The block's linear layers grouped by the tensor they read (q, k and v read one), found with hooks on one pass."
+    producers, seen, groups = {}, [], {}
+    def output_hook(name):
+        def hook(module, args, out):
+            if isinstance(out, torch.Tensor): seen.append(out); producers.setdefault(id(out), name)
+        return hook
+    def input_hook(name):
+        def hook(module, args):
+            seen.append(args[0]); groups.setdefault(id(args[0]), LinearGroup([], producers.get(id(args[0])))).names.append(name)
+        return hook
+    linears = set(linear_names(block))
+    handles = [m.register_forward_hook(output_hook(n)) for n, m in block.named_modules() if n]
+    handles += [block.get_submodule(n).register_forward_pre_hook(input_hook(n)) for n in linears]
+    try: run_block(block, hidden, kwargs)
+    finally:
+        for h in handles: h.remove()
+    return list(groups.values())
+
+# %% ../nbs/00_core.ipynb #3bc21cdd
+def _config_tensor(config: dict) -> torch.Tensor:
+    "A JSON dict as a uint8 tensor (so that it travels in a state_dict and in safetensors)."
+    return torch.tensor(list(json.dumps(config, sort_keys=True).encode()), dtype=torch.uint8)
+
+def _tensor_config(tensor: torch.Tensor) -> dict:
+    "The dict `_config_tensor` stored."
+    return json.loads(bytes(tensor.tolist()).decode())
+
+class QuantizedLinear(nn.Module):
+    "What every quantized layer of the course shares: `weight()`, `bits_per_weight`, `config()`, checked loading."
+    method: str = ''          # the name of the layer's kind in the method registry
+    weight_only: bool = True  # False: the layer also quantizes its input at run time (W8A8, LLM.int8())
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bias_dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = check_int(in_features, 'in_features', 1), check_int(out_features, 'out_features', 1)
+        self.register_buffer('bias', torch.zeros(out_features, dtype=bias_dtype) if bias else None)
+
+    def settings(self) -> dict: raise NotImplementedError  # the method's own settings, JSON-able
+    def weight(self): raise NotImplementedError            # the weight object
+    def compute(self, x: torch.Tensor) -> torch.Tensor: raise NotImplementedError  # x: (..., in_features), not empty
+
+    def config(self) -> dict:
+        "Everything that rebuilds an empty layer like this one: the method, the shape, the bias and the settings."
+        return dict(method=self.method, in_features=self.in_features, out_features=self.out_features,
+                    bias=self.bias is not None, **self.settings())
+
+    @classmethod
+    def from_config(cls, config: dict):
+        "An empty layer (zeros) with the shape and settings of `config`, ready for `load_state_dict`."
+        config = {k: v for k, v in config.items() if k != 'method'}
+        return cls(config.pop('in_features'), config.pop('out_features'), **config)
+
+    def _seal(self):
+        "Record the layer's config in a small uint8 buffer; `load_state_dict` refuses a state saved with another."
+        self.register_buffer('qconfig', _config_tensor(self.config()))
+
+    @property
+    def bits_per_weight(self) -> float:
+        "Every stored bit of the weight (codes, scales, zero-points, ...) per weight."
+        return self.weight().bits_per_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = f"the input of {type(self).__name__}"
+        check_tensor(x, name, finite=False, nonempty=False)
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{name} must have {self.in_features} features in its last dimension, got shape {tuple(x.shape)}")
+        if x.numel() == 0: return x.new_zeros(*x.shape[:-1], self.out_features)
+        return self.compute(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + 'qconfig')
+        if saved is not None and _tensor_config(saved) != self.config():
+            raise ValueError(f"{prefix.rstrip('.') or type(self).__name__}: the state was saved from a layer with "
+                             f"{_tensor_config(saved)}; this layer has {self.config()}. Build it with the saved settings.")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+# %% ../nbs/00_core.ipynb #142029e1
+def model_bits(model) -> float:
+    "Stored bits per weight over the quantized linear layers of `model`, weighted by their sizes."
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if not layers: raise ValueError("the model has no quantized linear layers; quantize it with `quantize_model` first")
+    sizes = [m.in_features * m.out_features for m in layers]
+    return sum(m.bits_per_weight * n for m, n in zip(layers, sizes)) / sum(sizes)
+
+def dequantized_copy(model):
+    "A copy of `model` whose weight-only quantized layers are `nn.Linear`s holding their dequantized weights."
+    def plain(name, layer):
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=layer.bias.device
+                           if layer.bias is not None else None)
+        linear.weight.data = layer.weight().dequantize(torch.float32).to(linear.weight.device)
+        if layer.bias is not None: linear.bias.data = layer.bias.float().clone()
+        return linear
+    copy_ = __import__('copy').deepcopy(model)
+    names = [n for n, m in copy_.named_modules() if isinstance(m, QuantizedLinear) and m.weight_only]
+    replace_linears(copy_, plain, names)
+    return copy_
+
+# %% ../nbs/00_core.ipynb #bc847308
+@dataclass
+class Method:
+    "One quantization method as `quantize_model` sees it."
+    name: str
+    layer: type                 # the QuantizedLinear subclass it produces
+    defaults: dict              # every setting and its default; `quantize_model` accepts exactly these
+    quantize: callable          # quantize(linear, statistics, **settings) -> layer (statistics: None without calibration)
+    needs_calibration: bool = False
+    collect: callable|None = None        # collect(inputs) -> the statistics of a group's inputs (None: the inputs)
+    prepare_block: callable|None = None  # prepare_block(block, hidden, kwargs, **settings): change the float block first
+    baseline: str|None = None   # a method whose error is measured beside this one's, on the same inputs (e.g. 'rtn')
+    doc: str = ''
+
+METHODS: dict[str, Method] = {}
+
+def register_method(method: Method) -> Method:
+    "Make `method` available to `quantize_model` under its name (a chapter's module calls this once)."
+    METHODS[method.name] = method
+    return method
+
+def layer_classes() -> dict[str, type]:
+    "The registered layer classes, by the `method` their configs name."
+    return {m.layer.method: m.layer for m in METHODS.values()}
 
 # %% ../nbs/00_core.ipynb #2041b424
 def _figure_png(fig, dpi: int = 80) -> str:
@@ -424,3 +639,16 @@ def record_results(chapter: str, rows: list[dict]) -> Path|None:
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(rows, indent=1, default=str) + '\n')
     return path
+
+# %% ../nbs/00_core.ipynb #1e34acdf
+def result_row(chapter: str, method: str, model, tokenizer, budget: Budget|None = None,
+               evaluated=None, # the model to evaluate instead of `model` (e.g. its `dequantized_copy`)
+               evaluation: dict|None = None, # an `evaluate` result already computed
+               **extra) -> dict:
+    "One row of a chapter's results table: `model`'s stored bits per weight and its perplexity, with what produced it."
+    result = evaluation or evaluate(evaluated or model, tokenizer, budget, progress=False)
+    quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
+    float_bits = 8 * next(model.parameters()).element_size()
+    return dict(chapter=chapter, method=method, bits_per_weight=round(model_bits(model), 4) if quantized else float(float_bits),
+                perplexity=result['perplexity'], text=result['text'], tokens=result['tokens'], context=result['context'],
+                budget=result['budget'], device=str(next(model.parameters()).device), **extra)

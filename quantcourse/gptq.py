@@ -6,19 +6,16 @@ Docs: https://quantcourse.github.io/quantcourse/gptq.html.md"""
 
 # %% ../nbs/04_gptq.ipynb #6fbafd3f
 from __future__ import annotations
-import contextlib, json, warnings
+import json, math, warnings
 from dataclasses import dataclass
-from pathlib import Path
 import torch
 from torch import nn
-from .core import linear_names, replace_linears
-from .scales import qrange, scale_zero, fake_quantize, QuantizedWeight, QuantLinear, bits_per_weight
-from .scales import _check_bits, _check_group_size, _check_weight, _scale_zero
+from .core import linear_names, check_tensor, Method, register_method
+from .scales import qrange, scale_zero, fake_quantize, QuantizedWeight, QuantLinear, check_bits, check_group_size
 
 # %% auto #0
-__all__ = ['Hessian', 'reconstruction_error', 'GPTQWeight', 'damped_inverse_cholesky', 'naive_gptq', 'column_by_column',
-           'gptq_quantize', 'first_block_inputs', 'GPTQLinear', 'quantize_model_gptq', 'model_bits', 'save_quantized',
-           'load_quantized']
+__all__ = ['Hessian', 'reconstruction_error', 'GPTQWeight', 'damped_inverse_cholesky', 'naive_gptq', 'gptq_quantize',
+           'GPTQLinear']
 
 # %% ../nbs/04_gptq.ipynb #8e7794b1
 class Hessian:
@@ -71,10 +68,16 @@ class GPTQWeight:
         out[:, self.perm.long()] = weight
         return out
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        "What is stored: the `QuantizedWeight`'s packed tensors, and the column order when there is one."
+        return dict(self.quantized.tensors(), **({} if self.perm is None else dict(perm=self.perm)))
+
     @property
     def bits_per_weight(self) -> float:
-        "Stored bits per weight, plus a 16-bit column index per column when the order is permuted."
-        return self.quantized.bits_per_weight + (0 if self.perm is None else 16 / self.quantized.shape[0])
+        "Every stored bit per weight: codes, scales, zero-points and (when permuted) a 16-bit index per column."
+        return 8 * sum(t.numel() * t.element_size() for t in self.tensors().values()) / math.prod(self.quantized.shape)
+
+    def config(self) -> dict: return dict(self.quantized.config(), permuted=self.perm is not None)
 
     def split_rows(self, sizes: list[int]) -> list[GPTQWeight]:
         "Cut into weights of `sizes` rows each (layers that were quantized as one stacked matrix)."
@@ -99,7 +102,7 @@ class _ColumnGrid:
 
     def fit(self, columns):
         "Append the per-row grid of `columns`, (rows, n)."
-        scale, zero = _scale_zero(columns.float(), self.bits, self.symmetric, torch.float16)  # `scale_zero` less its input checks
+        scale, zero = scale_zero(columns, self.bits, self.symmetric, torch.float16, check=False)  # checked once, up front
         self.params.append((scale[:, 0], 1 / scale[:, 0], None if zero is None else zero[:, 0]))
 
     def round(self, column: int, upcoming: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -135,16 +138,6 @@ def _prepare(weight, hessian, act_order):
     perm = torch.argsort(H.diagonal(), descending=True)
     return W[:, perm], H[perm][:, perm], perm
 
-# %% ../nbs/04_gptq.ipynb #094844da
-@contextlib.contextmanager
-def _one_cpu_thread(device):
-    "Run the block on a single CPU thread (on a CPU, small linear algebra is faster without sharing it out)."
-    if torch.device(device).type != 'cpu': yield; return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try: yield
-    finally: torch.set_num_threads(threads)
-
 # %% ../nbs/04_gptq.ipynb #ba26426c
 def damped_inverse_cholesky(hessian: torch.Tensor, # (n, n), symmetric
                             percdamp: float = .01, # damping, as a fraction of the mean diagonal
@@ -157,11 +150,10 @@ def damped_inverse_cholesky(hessian: torch.Tensor, # (n, n), symmetric
     tiny = torch.finfo(hessian.dtype).eps ** 0.5  # a Cholesky diagonal this far below its largest: singular in this precision
     for _ in range(20):
         damp = percdamp * mean_diag
-        with _one_cpu_thread(hessian.device):  # MKL's multi-threaded cholesky_inverse is ~100x slower than one thread
-            L, info = torch.linalg.cholesky_ex(hessian + damp * eye)
-            if info == 0 and L.diagonal().min() > tiny * L.diagonal().max():
-                U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-                if info == 0 and torch.isfinite(U).all(): return U, damp
+        L, info = torch.linalg.cholesky_ex(hessian + damp * eye)
+        if info == 0 and L.diagonal().min() > tiny * L.diagonal().max():
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_solve(eye, L), upper=True)  # (H + damp I)^-1 from L
+            if info == 0 and torch.isfinite(U).all(): return U, damp
         bigger = max(10 * percdamp, 1e-4)
         warnings.warn(f"{name}: the Hessian is not positive definite (to {hessian.dtype} precision) with damping {percdamp:g} "
                       f"x mean diagonal; retrying with {bigger:g}", RuntimeWarning)
@@ -171,10 +163,10 @@ def damped_inverse_cholesky(hessian: torch.Tensor, # (n, n), symmetric
 # %% ../nbs/04_gptq.ipynb #09e8141f
 def _check_gptq_args(weight, hessian, bits, group_size, static_groups, percdamp):
     "Raise a clear error for arguments GPTQ cannot use."
-    _check_weight(weight); _check_bits(bits)
+    check_tensor(weight, 'weight'); check_bits(bits)
     if weight.ndim != 2: raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if group_size == 'tensor': raise ValueError("GPTQ here takes group_size='channel' or an int; 'tensor' is not supported")
-    _check_group_size(group_size, weight.shape[1])
+    check_group_size(group_size, weight.shape[1])
     if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (weight.shape[1],) * 2:
         raise ValueError(f"hessian must be in_features x in_features = {weight.shape[1]} x {weight.shape[1]}, got "
                          f"{tuple(getattr(hessian, 'shape', ()))}; build it from this layer's inputs")
@@ -191,35 +183,20 @@ def naive_gptq(weight: torch.Tensor, # (out_features, in_features)
                static_groups: bool = False, # fit group grids from the original weights, before any update
                percdamp: float = .01, # damping, as a fraction of the mean diagonal of H
                name: str = 'layer', # named in warnings
-               divide_twice: bool = False, # divide the update by [H^-1]_cc a second time (the copied mistake)
-               update_inverse: bool = True, # eliminate each rounded column from H^-1 (the copied version never does)
               ) -> GPTQWeight:
     "GPTQ the slow way: one column at a time, the explicit inverse Hessian updated after every column."
     _check_gptq_args(weight, hessian, bits, group_size, static_groups, percdamp)
-    with _one_cpu_thread(weight.device):
-        W, H, perm = _prepare(weight, hessian, act_order)
-        _, damping = damped_inverse_cholesky(H, percdamp, name)
-        Hinv = torch.linalg.inv(H + damping * torch.eye(len(H), dtype=H.dtype, device=H.device))
-        grid = _ColumnGrid(W, bits, group_size, symmetric, static_groups, perm)
-        codes = torch.empty(W.shape[1], W.shape[0], dtype=W.dtype, device=W.device)  # one row per column
-        for c in range(W.shape[1]):
-            q = grid.round(c, W.T[c:], codes[c])
-            d = Hinv[c, c]
-            W[:, c+1:] -= torch.outer((W[:, c] - q) / d, Hinv[c, c+1:]) / (d if divide_twice else 1)  # spread the error over the columns not yet fixed
-            if update_inverse: Hinv[c:, c:] -= torch.outer(Hinv[c:, c], Hinv[c, c:]) / d  # column c is fixed now: eliminate it from the inverse
-        return grid.result(codes.T, damping)
-
-# %% ../nbs/04_gptq.ipynb #2bc45238
-def column_by_column(weight: torch.Tensor, # (out_features, in_features)
-                     hessian: torch.Tensor, # (in_features, in_features)
-                     bits: int = 4, # bits per code; one asymmetric grid per row
-                     divide_twice: bool = False, # divide the update by [H^-1]_ii a second time, as the copied version does
-                     update_inverse: bool = True, # eliminate each rounded column from H^-1 (the copied version never does)
-                     percdamp: float = .01, # damping, as a fraction of the mean diagonal of H
-                    ) -> torch.Tensor:
-    "Fixed-order GPTQ with an explicit inverse, as a dequantized weight; the two switches reproduce the copied mistakes."
-    return naive_gptq(weight, hessian, bits, percdamp=percdamp, divide_twice=divide_twice,
-                      update_inverse=update_inverse).dequantize(weight.dtype)
+    W, H, perm = _prepare(weight, hessian, act_order)
+    _, damping = damped_inverse_cholesky(H, percdamp, name)
+    Hinv = torch.linalg.inv(H + damping * torch.eye(len(H), dtype=H.dtype, device=H.device))
+    grid = _ColumnGrid(W, bits, group_size, symmetric, static_groups, perm)
+    codes = torch.empty(W.shape[1], W.shape[0], dtype=W.dtype, device=W.device)  # one row per column
+    for c in range(W.shape[1]):
+        q = grid.round(c, W.T[c:], codes[c])
+        d = Hinv[c, c]
+        W[:, c+1:] -= torch.outer((W[:, c] - q) / d, Hinv[c, c+1:])  # spread the error over the columns not yet fixed
+        Hinv[c:, c:] -= torch.outer(Hinv[c:, c], Hinv[c, c:]) / d  # column c is fixed now: eliminate it from the inverse
+    return grid.result(codes.T, damping)
 
 # %% ../nbs/04_gptq.ipynb #a2f44ed6
 def gptq_quantize(weight: torch.Tensor, # (out_features, in_features)
@@ -237,172 +214,70 @@ def gptq_quantize(weight: torch.Tensor, # (out_features, in_features)
     _check_gptq_args(weight, hessian, bits, group_size, static_groups, percdamp)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    with _one_cpu_thread(weight.device):
-        W, H, perm = _prepare(weight, hessian, act_order)
-        U, damping = damped_inverse_cholesky(H, percdamp, name)
-        grid = _ColumnGrid(W, bits, group_size, symmetric, static_groups, perm)
-        if grid.on_the_fly: block_size = max(group_size, block_size // group_size * group_size)  # whole groups per block
-        Wt = W.T.contiguous()  # row c of Wt is column c of W
-        codes, losses = torch.empty_like(Wt), torch.empty(len(Wt), dtype=Wt.dtype, device=Wt.device)
-        for i1 in range(0, len(Wt), block_size):
-            i2 = min(i1 + block_size, len(Wt))
-            block, errors = Wt[i1:i2], torch.empty_like(Wt[i1:i2])
-            for i in range(i2 - i1):
-                c = i1 + i
-                q = grid.round(c, block[i:], codes[c])
-                torch.sub(block[i], q, out=errors[i]).div_(U[c, c])
-                block[i + 1:].addr_(U[c, c + 1:i2], errors[i], alpha=-1)  # the later columns of this block, now
-            Wt[i2:].addmm_(U[i1:i2, i2:].T, errors, alpha=-1)            # every column after the block, at once
-            losses[i1:i2] = (errors ** 2).sum(1) / 2
-        return grid.result(codes.T, damping, losses)
-
-# %% ../nbs/04_gptq.ipynb #abb0cadc
-class _StopForward(Exception): "Raised by a hook once the first block's inputs are caught."
-
-def _blocks(model) -> nn.ModuleList:
-    "The transformer blocks of a transformers decoder model."
-    blocks = getattr(getattr(model, 'model', None), 'layers', None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise TypeError(f"{type(model).__name__} has no `model.layers`; GPTQ here walks the blocks of a transformers decoder")
-    return blocks
-
-@torch.no_grad()
-def first_block_inputs(model, tokens: torch.Tensor # (n_samples, seq_len) token ids
-                      ) -> tuple[torch.Tensor, dict]:
-    "The hidden states entering the first block, and the keyword arguments the model calls every block with."
-    caught = {}
-    def catch(module, args, kwargs):
-        caught['hidden'], caught['kwargs'] = args[0], kwargs
-        raise _StopForward
-    handle = _blocks(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
-    try: model(tokens.to(next(model.parameters()).device), use_cache=False)
-    except _StopForward: pass
-    finally: handle.remove()
-    return caught['hidden'], caught['kwargs']
-
-def _run_block(block, hidden, kwargs):
-    "The block's output hidden states (transformers returns a tensor or a tuple, depending on the version)."
-    out = block(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-@torch.no_grad()
-def _shared_inputs(block, hidden, kwargs) -> list[list[str]]:
-    "Names of the block's linear layers, grouped by the input tensor they read (q, k and v read one)."
-    groups, alive = {}, []
-    def record(name):
-        def hook(module, args):
-            alive.append(args[0]); groups.setdefault(id(args[0]), []).append(name)
-        return hook
-    handles = [block.get_submodule(n).register_forward_pre_hook(record(n)) for n in linear_names(block)]
-    try: _run_block(block, hidden, kwargs)
-    finally:
-        for h in handles: h.remove()
-    return list(groups.values())
+    W, H, perm = _prepare(weight, hessian, act_order)
+    U, damping = damped_inverse_cholesky(H, percdamp, name)
+    grid = _ColumnGrid(W, bits, group_size, symmetric, static_groups, perm)
+    if grid.on_the_fly: block_size = max(group_size, block_size // group_size * group_size)  # whole groups per block
+    Wt = W.T.contiguous()  # row c of Wt is column c of W
+    codes, losses = torch.empty_like(Wt), torch.empty(len(Wt), dtype=Wt.dtype, device=Wt.device)
+    for i1 in range(0, len(Wt), block_size):
+        i2 = min(i1 + block_size, len(Wt))
+        block, errors = Wt[i1:i2], torch.empty_like(Wt[i1:i2])
+        for i in range(i2 - i1):
+            c = i1 + i
+            q = grid.round(c, block[i:], codes[c])
+            torch.sub(block[i], q, out=errors[i]).div_(U[c, c])
+            block[i + 1:].addr_(U[c, c + 1:i2], errors[i], alpha=-1)  # the later columns of this block, now
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, errors, alpha=-1)            # every column after the block, at once
+        losses[i1:i2] = (errors ** 2).sum(1) / 2
+    return grid.result(codes.T, damping, losses)
 
 # %% ../nbs/04_gptq.ipynb #e28429f7
 class GPTQLinear(QuantLinear):
     "A `QuantLinear` that also stores its column order when GPTQ ran in activation order with groups found on the fly."
+    method = 'gptq'
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int|str = 'channel',
                  symmetric: bool = False, bias: bool = True, permuted: bool = False):
+        self.permuted = permuted  # read by `settings()` while the parent class seals the config
         super().__init__(in_features, out_features, bits, group_size, symmetric, bias)
         self.register_buffer('perm', torch.arange(in_features, dtype=torch.int16) if permuted else None)
 
     @classmethod
-    def from_quantized(cls, q: GPTQWeight, bias: torch.Tensor|None = None):
+    def from_linear(cls, linear: nn.Linear, hessian: torch.Tensor|None = None, # the Hessian of the layer's inputs
+                    bits: int = 4, group_size: int|str = 'channel', symmetric: bool = False, **options):
+        "Quantize an `nn.Linear` by GPTQ, given the Hessian of its inputs (`options`: those of `gptq_quantize`)."
+        if hessian is None: raise ValueError("GPTQ needs the Hessian of the layer's inputs: pass hessian=Hessian(in_features)"
+                                             ".add(inputs).value(), or use quantize_model(model, 'gptq', calibration=...)")
+        return cls.from_weight(gptq_quantize(linear.weight, hessian, bits, group_size, symmetric, **options), linear.bias)
+
+    @classmethod
+    def from_weight(cls, q: GPTQWeight, bias: torch.Tensor|None = None):
         "Wrap a `GPTQWeight`: packed codes, scales, zero-points and the column order."
-        layer = super().from_quantized(q.quantized, bias)
-        if q.perm is not None: layer.register_buffer('perm', q.perm.to(layer.scale.device).clone())
+        (out_features, in_features), inner = q.quantized.shape, q.quantized
+        layer = cls(in_features, out_features, inner.bits, inner.group_size, inner.symmetric, bias is not None,
+                    q.perm is not None).to(inner.codes.device)
+        for name, tensor in q.tensors().items(): getattr(layer, name).copy_(tensor)
+        if bias is not None: layer.bias.copy_(bias.detach().float())
         return layer
 
-    def quantized(self) -> GPTQWeight:
+    def settings(self) -> dict: return dict(super().settings(), permuted=self.permuted)
+
+    def weight(self) -> GPTQWeight:
         "The stored weight, unpacked (its `dequantize()` puts the columns back in the original order)."
-        return GPTQWeight(super().quantized(), self.perm)
+        return GPTQWeight(super().weight(), self.perm)
 
-    @property
-    def bits_per_weight(self) -> float:
-        "Stored bits per weight: codes, scales, zero-points and the column order."
-        return bits_per_weight(self.bits, self.group_size, self.in_features, 16, None if self.symmetric else self.bits,
-                               self.out_features) + (0 if self.perm is None else 16 / self.out_features)
-
-    def extra_repr(self) -> str: return super().extra_repr() + f", permuted={self.perm is not None}"
+    def extra_repr(self) -> str: return super().extra_repr() + f", permuted={self.permuted}"
 
 # %% ../nbs/04_gptq.ipynb #cdf6feac
-@torch.no_grad()
-def quantize_model_gptq(model, calibration: torch.Tensor, # (n_samples, seq_len) token ids
-                        bits: int = 4, group_size: int|str = 'channel', symmetric: bool = False,
-                        act_order: bool = False, static_groups: bool = False, percdamp: float = .01,
-                        block_size: int = 128,
-                        errors: bool = False, # also measure each layer's error, and RTN's, on its calibration inputs
-                        progress: bool = True) -> list[dict]:
-    "Quantize the block linears of `model` in place with GPTQ, block after block; return one report row per layer."
-    from tqdm.auto import tqdm
-    if not isinstance(calibration, torch.Tensor) or calibration.is_floating_point() or calibration.ndim != 2:
-        raise TypeError("calibration must be a 2-D integer tensor of token ids, (n_samples, seq_len)")
-    if calibration.numel() == 0: raise ValueError(f"the calibration set is empty (shape {tuple(calibration.shape)}); pass at least one token")
-    settings = dict(bits=bits, group_size=group_size, symmetric=symmetric, act_order=act_order,
-                    static_groups=static_groups, percdamp=percdamp, block_size=block_size)
-    blocks, report = _blocks(model), []
-    _check_bits(bits)
-    for name in linear_names(blocks[0]): _check_group_size(group_size, blocks[0].get_submodule(name).in_features)
-    hidden, kwargs = first_block_inputs(model, calibration)
-    groups = _shared_inputs(blocks[0], hidden, kwargs)
-    for index in tqdm(range(len(blocks)), desc='GPTQ, block by block', leave=False, disable=not progress):
-        block, done = blocks[index], {}
-        def quantize_group(names):  # a pre-hook: runs just before the group's first layer, on its actual input
-            def hook(module, args):
-                H = Hessian(args[0].shape[-1], args[0].device).add(args[0]).value()
-                layers = [block.get_submodule(n) for n in names]
-                stacked = gptq_quantize(torch.cat([l.weight for l in layers]), H, **settings,
-                                        name=f"model.layers.{index}.{'+'.join(names)}")
-                with _one_cpu_thread(H.device):
-                    for name, layer, part in zip(names, layers, stacked.split_rows([l.out_features for l in layers])):
-                        new = part.dequantize(layer.weight.dtype)
-                        row = dict(layer=f'model.layers.{index}.{name}', damping=part.damping)
-                        if errors: row.update(error=reconstruction_error(layer.weight, new, H), rtn_error=reconstruction_error(
-                            layer.weight, fake_quantize(layer.weight, bits, group_size, symmetric), H))
-                        report.append(row)
-                        layer.weight.data, done[name] = new, part  # the rest of this pass sees the quantized layer
-            return hook
-        handles = [block.get_submodule(g[0]).register_forward_pre_hook(quantize_group(g)) for g in groups]
-        try: hidden = _run_block(block, hidden, kwargs)
-        finally:
-            for h in handles: h.remove()
-        with _one_cpu_thread(hidden.device):
-            replace_linears(block, lambda name, linear: GPTQLinear.from_quantized(done[name], linear.bias), list(done))
-    return report
+def _hessian(inputs: torch.Tensor) -> torch.Tensor:
+    "The statistics GPTQ needs of a group of layers' inputs: their Hessian, computed once for the group."
+    return Hessian(inputs.shape[-1], inputs.device).add(inputs).value()
 
-# %% ../nbs/04_gptq.ipynb #a70fabfa
-def model_bits(model) -> float:
-    "Mean stored bits per weight over the quantized linear layers of `model` (codes, scales, zero-points, column orders)."
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    bits = [m.bits_per_weight if isinstance(m, GPTQLinear) else
-            bits_per_weight(m.bits, m.group_size, m.in_features, 16, None if m.symmetric else m.bits, m.out_features) for m in layers]
-    sizes = [m.in_features * m.out_features for m in layers]
-    return sum(b * n for b, n in zip(bits, sizes)) / sum(sizes)
+def _gptq(linear: nn.Linear, hessian: torch.Tensor, bits, group_size, symmetric, **options) -> GPTQLinear:
+    "One layer by GPTQ, from the Hessian of its inputs."
+    return GPTQLinear.from_linear(linear, hessian, bits, group_size, symmetric, **options)
 
-# %% ../nbs/04_gptq.ipynb #a36d56d5
-def save_quantized(model, path: str|Path) -> Path:
-    "Save the `GPTQLinear` layers of `model` (packed codes, scales, zero-points, column order) to one safetensors file."
-    from safetensors.torch import save_file
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, GPTQLinear)}
-    if not layers: raise ValueError("the model has no GPTQLinear layers; quantize it with `quantize_model_gptq` first")
-    tensors = {f'{name}.{key}': t.detach().cpu().contiguous() for name, m in layers.items() for key, t in m.state_dict().items()}
-    config = {name: dict(in_features=m.in_features, out_features=m.out_features, bits=m.bits, group_size=m.group_size,
-                         symmetric=m.symmetric, bias=m.bias is not None, permuted=m.perm is not None) for name, m in layers.items()}
-    save_file(tensors, str(path), metadata={'quantcourse.gptq': json.dumps(config)})
-    return Path(path)
-
-# %% ../nbs/04_gptq.ipynb #c0cf4d5d
-def load_quantized(model, path: str|Path):
-    "Replace the layers saved in `path` by `GPTQLinear`s holding the saved weights, in `model` (a fresh copy); return it."
-    from safetensors import safe_open
-    with safe_open(str(path), 'pt') as f:
-        meta = f.metadata() or {}
-        if 'quantcourse.gptq' not in meta: raise ValueError(f"{path} was not written by `save_quantized`")
-        config, tensors = json.loads(meta['quantcourse.gptq']), {k: f.get_tensor(k) for k in f.keys()}
-    device = next(model.parameters()).device
-    replace_linears(model, lambda name, linear: GPTQLinear(**config[name]).to(device), list(config))
-    for name in config:
-        prefix = name + '.'
-        model.get_submodule(name).load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-    return model
+register_method(Method('gptq', GPTQLinear, dict(bits=4, group_size=64, symmetric=False, act_order=False, static_groups=False,
+                                                percdamp=0.01, block_size=128),
+                       _gptq, needs_calibration=True, collect=_hessian, baseline='rtn',
+                       doc='GPTQ: columns rounded in turn, the error spread over the columns not yet rounded'))

@@ -11,15 +11,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .core import replace_linears
-from .scales import _check_weight as _check_finite_weight
+from .core import check_tensor, QuantizedLinear, Method, register_method
 
 # %% auto #0
 __all__ = ['NF4_OFFSET', 'BLOCKSIZES', 'QUANT_TYPES', 'WEIGHT_DTYPES', 'NESTED_BLOCKSIZE', 'same_bits', 'normal_quantiles',
            'nf4_code', 'fp4_code', 'to_blocks', 'absmax_scale', 'nearest_level', 'pack_nibbles', 'unpack_nibbles',
            'code_book', 'byte_table', 'Weight4bit', 'quantize_4bit', 'entropy_bits', 'scale_bits_per_weight',
            'dynamic_code', 'rounding_table', 'quantize_blockwise_8bit', 'dequantize_blockwise_8bit', 'double_quantize',
-           'NF4Linear', 'quantize_model_4bit']
+           'NF4Linear']
 
 # %% ../nbs/07_nf4.ipynb #1269002e
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -71,7 +70,7 @@ def _check_quant_type(quant_type):
 
 def _check_weight(weight, name: str = 'weight'):
     "Raise unless `weight` is a non-empty, finite float32, float16 or bfloat16 tensor."
-    _check_finite_weight(weight, name)
+    check_tensor(weight, name)
     if weight.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16 (as bitsandbytes), got {weight.dtype}; convert it with .float()")
 
@@ -189,6 +188,11 @@ class Weight4bit:
         "Stored bits per weight: codes, scales and (double quantization) nested scales and offset."
         return 8 * self.nbytes / self.numel
 
+    def config(self) -> dict:
+        "The settings that, with `tensors()`, rebuild this weight."
+        return dict(shape=list(self.shape), dtype=str(self.dtype).removeprefix('torch.'), blocksize=self.blocksize,
+                    quant_type=self.quant_type, double_quant=self.double_quant)
+
 # %% ../nbs/07_nf4.ipynb #53dd1a12
 def quantize_4bit(weight: torch.Tensor, # float32, float16 or bfloat16, any shape
                   blocksize: int = 64, # weights per absmax: a power of two from 32 to 4096
@@ -253,7 +257,7 @@ def quantize_blockwise_8bit(values: torch.Tensor, # any shape, finite
                             blocksize: int = NESTED_BLOCKSIZE, # values per absmax
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     "uint8 codes of `values` (flattened) and the float32 absmax per block, rounded through bitsandbytes' table."
-    _check_finite_weight(values, 'values')
+    check_tensor(values, 'values')
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
     if code.numel() > 256: raise ValueError(f"an 8-bit code has at most 256 levels, got {code.numel()}")
@@ -285,29 +289,34 @@ def double_quantize(weight: Weight4bit) -> Weight4bit:
     return dataclasses.replace(weight, absmax=codes, nested_absmax=nested, offset=offset)
 
 # %% ../nbs/07_nf4.ipynb #13f45fad
-class NF4Linear(nn.Module):
+def _dtype(value) -> torch.dtype|None:
+    "A torch dtype from itself or its name ('bfloat16'), as configs store it; None stays None."
+    return getattr(torch, value) if isinstance(value, str) else value
+
+class NF4Linear(QuantizedLinear):
     "An `nn.Linear` whose weight is stored blockwise in 4 bits (NF4 or FP4), dequantized on each forward."
+    method = 'nf4'
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  blocksize: int = 64, # weights per absmax
                  quant_type: str = 'nf4', # 'nf4' or 'fp4'
                  double_quant: bool = False, # 8-bit block scales
-                 compute_dtype: torch.dtype|None = None, # float32 or bfloat16 (float16 allowed); None: the input's dtype
-                 dtype: torch.dtype = torch.float32, # dtype of the original weight and of the bias
+                 compute_dtype: torch.dtype|str|None = None, # float32 or bfloat16 (float16 allowed); None: the input's dtype
+                 dtype: torch.dtype|str = torch.float32, # dtype of the original weight and of the bias
                 ):
-        super().__init__()
+        compute_dtype, dtype = _dtype(compute_dtype), _dtype(dtype)
+        super().__init__(in_features, out_features, bias, bias_dtype=dtype)
         _check_blocksize(blocksize); _check_quant_type(quant_type)
         if compute_dtype not in (None, *WEIGHT_DTYPES): raise ValueError(f"compute_dtype must be None or one of {WEIGHT_DTYPES}, got {compute_dtype}")
-        self.in_features, self.out_features, self.blocksize, self.quant_type = in_features, out_features, blocksize, quant_type
-        self.double_quant, self.compute_dtype, self.dtype = double_quant, compute_dtype, dtype
+        self.blocksize, self.quant_type, self.double_quant, self.compute_dtype, self.dtype = blocksize, quant_type, double_quant, compute_dtype, dtype
         n = in_features * out_features; n_blocks = -(-n // blocksize)
         self.register_buffer('packed', torch.zeros(-(-n // 2), dtype=torch.uint8))
         self.register_buffer('absmax', torch.zeros(n_blocks, dtype=torch.uint8 if double_quant else torch.float32))
         self.register_buffer('nested_absmax', torch.zeros(-(-n_blocks // NESTED_BLOCKSIZE)) if double_quant else None)
         self.register_buffer('offset', torch.zeros(()) if double_quant else None)
-        self.register_buffer('bias', torch.zeros(out_features, dtype=dtype) if bias else None)
+        self._seal()
 
     @classmethod
-    def from_weight4bit(cls, weight: Weight4bit, bias: torch.Tensor|None = None, compute_dtype: torch.dtype|None = None):
+    def from_weight(cls, weight: Weight4bit, bias: torch.Tensor|None = None, compute_dtype: torch.dtype|None = None):
         "Wrap an already quantized `Weight4bit` (and an optional bias)."
         out_features, in_features = weight.shape
         layer = cls(in_features, out_features, bias is not None, weight.blocksize, weight.quant_type, weight.double_quant,
@@ -320,28 +329,32 @@ class NF4Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, quant_type: str = 'nf4', double_quant: bool = False,
                     compute_dtype: torch.dtype|None = None):
         "Quantize an `nn.Linear`."
-        return cls.from_weight4bit(quantize_4bit(linear.weight, blocksize, quant_type, double_quant), linear.bias, compute_dtype)
+        return cls.from_weight(quantize_4bit(linear.weight, blocksize, quant_type, double_quant), linear.bias, compute_dtype)
 
-    def weight4bit(self) -> Weight4bit:
+    def settings(self) -> dict:
+        name = lambda d: None if d is None else str(d).removeprefix('torch.')
+        return dict(blocksize=self.blocksize, quant_type=self.quant_type, double_quant=self.double_quant,
+                    compute_dtype=name(self.compute_dtype), dtype=name(self.dtype))
+
+    def weight(self) -> Weight4bit:
         "The stored weight as a `Weight4bit` (sharing the buffers)."
         return Weight4bit(self.packed, self.absmax, (self.out_features, self.in_features), self.dtype, self.blocksize,
                           self.quant_type, self.nested_absmax, self.offset)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), self.weight4bit().dequantize(dtype), bias).to(x.dtype)
+        return F.linear(x.to(dtype), self.weight().dequantize(dtype), bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, quant_type={self.quant_type!r}, "
                 f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}, bias={self.bias is not None}")
 
 # %% ../nbs/07_nf4.ipynb #dd2830c8
-def quantize_model_4bit(model, # a model with nn.Linear layers (changed in place)
-                        blocksize: int = 64, quant_type: str = 'nf4', double_quant: bool = False,
-                        compute_dtype: torch.dtype|None = None,
-                        names: list[str]|None = None, # layers to quantize (default: `linear_names(model)`, head excluded)
-                       ):
-    "Replace linear layers of `model` by `NF4Linear`s; return the model."
-    replace_linears(model, lambda name, linear: NF4Linear.from_linear(linear, blocksize, quant_type, double_quant, compute_dtype), names)
-    return model
+def _4bit(linear: nn.Linear, statistics, blocksize: int, quant_type: str, double_quant: bool, compute_dtype) -> NF4Linear:
+    "NF4 and FP4 are round-to-nearest on their code books: no statistics of the inputs are needed."
+    return NF4Linear.from_linear(linear, blocksize, quant_type, double_quant, _dtype(compute_dtype))
+
+for _name in QUANT_TYPES:
+    register_method(Method(_name, NF4Linear, dict(blocksize=64, quant_type=_name, double_quant=False, compute_dtype=None),
+                           _4bit, doc=f"bitsandbytes' {_name.upper()} code book, blockwise absmax (double_quant: 8-bit scales)"))

@@ -9,14 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 from torch import nn
-from .core import capture_inputs, linear_names, replace_linears
+from .core import (capture_inputs, linear_names, replace_linears, check_tensor, QuantizedLinear, Method,
+                              register_method, decoder_blocks, block_inputs, run_block, linear_groups)
 from .scales import scale_zero, quantize_codes, quantize_weight, QuantizedWeight
 from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['EXACT_BLOCK', 'GRANULARITIES', 'ChannelStats', 'input_stats', 'int8_matmul', 'quantize_activations', 'W8A8Linear',
-           'quantize_model_w8a8', 'int8_vectorwise_quant', 'LLMInt8Linear', 'quantize_model_llm_int8', 'smooth_scales',
-           'smooth_norm_linears', 'smooth_up_down', 'smooth_model', 'quantize_model_smoothquant']
+           'int8_vectorwise_quant', 'RowwiseInt8Weight', 'LLMInt8Linear', 'smooth_scales', 'smooth_norm_linears',
+           'smooth_up_down', 'smooth_block', 'smooth_model']
 
 # %% ../nbs/03_outliers.ipynb #de3bd315
 @dataclass
@@ -113,17 +114,18 @@ def quantize_activations(x: torch.Tensor, # activations, (..., in_features)
     return quantize_codes(rows, scale, None, bits=8, symmetric=True), scale
 
 # %% ../nbs/03_outliers.ipynb #18a372b8
-class W8A8Linear(nn.Module):
+class W8A8Linear(QuantizedLinear):
     "An `nn.Linear` with per-channel INT8 weights and dynamic INT8 activations, multiplied in integers."
+    method, weight_only = 'w8a8', False
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  granularity: str = 'token', # activation scales: 'token' or 'tensor'
                 ):
-        super().__init__()
+        super().__init__(in_features, out_features, bias)
         _check_granularity(granularity)
-        self.in_features, self.out_features, self.granularity = in_features, out_features, granularity
+        self.granularity = granularity
         self.register_buffer('weight_codes', torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer('weight_scale', torch.ones(out_features, 1, dtype=torch.float16))
-        self.register_buffer('bias', torch.zeros(out_features) if bias else None)
+        self._seal()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, granularity: str = 'token'):
@@ -134,16 +136,13 @@ class W8A8Linear(nn.Module):
         if linear.bias is not None: layer.bias.copy_(linear.bias.detach())
         return layer
 
-    def quantized(self) -> QuantizedWeight:
+    def settings(self) -> dict: return dict(granularity=self.granularity)
+
+    def weight(self) -> QuantizedWeight:
         "The stored weight, in the course's common format."
         return QuantizedWeight(self.weight_codes, self.weight_scale, None, 8, 'channel', True, (self.out_features, self.in_features))
 
-    @property
-    def bits_per_weight(self) -> float:
-        "Stored bits per weight: the INT8 codes and one float16 scale per output channel."
-        return self.quantized().bits_per_weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         codes, scale = quantize_activations(x, self.granularity)
         y = int8_matmul(codes, self.weight_codes).float() * scale * self.weight_scale.float().T
         if self.bias is not None: y = y + self.bias
@@ -153,14 +152,12 @@ class W8A8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, granularity={self.granularity!r}"
 
 # %% ../nbs/03_outliers.ipynb #cf7f8242
-def quantize_model_w8a8(model, # a model with nn.Linear layers (changed in place)
-                        granularity: str = 'token', # activation scales: 'token' or 'tensor'
-                        names: list[str]|None = None, # layers to replace (default: `linear_names(model)`)
-                       ):
-    "Replace linear layers of `model` by `W8A8Linear`s; return the model."
-    _check_granularity(granularity)
-    replace_linears(model, lambda name, linear: W8A8Linear.from_linear(linear, granularity), names)
-    return model
+def _w8a8(linear: nn.Linear, statistics, granularity: str) -> W8A8Linear:
+    "Naive W8A8: the activations are quantized at run time, so no statistics are needed."
+    return W8A8Linear.from_linear(linear, granularity)
+
+register_method(Method('w8a8', W8A8Linear, dict(granularity='token'), _w8a8,
+                       doc='INT8 weights per channel and INT8 activations per token (or tensor), integer matmul'))
 
 # %% ../nbs/03_outliers.ipynb #2b25c362
 def int8_vectorwise_quant(x: torch.Tensor, # (rows, columns) floats; bitsandbytes quantizes float16
@@ -178,18 +175,38 @@ def int8_vectorwise_quant(x: torch.Tensor, # (rows, columns) floats; bitsandbyte
     return codes, absmax, columns
 
 # %% ../nbs/03_outliers.ipynb #6a9855be
-class LLMInt8Linear(nn.Module):
+@dataclass(eq=False)
+class RowwiseInt8Weight:
+    "LLM.int8()'s stored weight: INT8 codes per row and each row's float32 absmax (bitsandbytes' `CB` and `SCB`)."
+    codes: torch.Tensor   # int8, (out_features, in_features)
+    absmax: torch.Tensor  # float32, (out_features,)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        "The weight the codes stand for: code x absmax / 127, in float32, then `dtype`."
+        return (self.codes.float() * (self.absmax[:, None] / 127)).to(dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]: return dict(weight_codes=self.codes, weight_absmax=self.absmax)
+
+    @property
+    def bits_per_weight(self) -> float:
+        "Every stored bit per weight: the INT8 codes and one float32 absmax per row."
+        return 8 * sum(t.numel() * t.element_size() for t in self.tensors().values()) / self.codes.numel()
+
+    def config(self) -> dict: return dict(shape=list(self.codes.shape))
+
+class LLMInt8Linear(QuantizedLinear):
     "LLM.int8(): INT8 weight rows and activation rows, and the input columns holding outliers multiplied in 16 bits."
+    method, weight_only = 'llm_int8', False
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  threshold: float|None = 6.0, # |x| at which an input column leaves the INT8 product; None: never
                 ):
-        super().__init__()
+        super().__init__(in_features, out_features, bias)
         _check_threshold(threshold)
-        self.in_features, self.out_features, self.threshold = in_features, out_features, threshold
+        self.threshold = threshold
         self.register_buffer('weight_codes', torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer('weight_absmax', torch.ones(out_features))  # bitsandbytes' SCB
-        self.register_buffer('bias', torch.zeros(out_features) if bias else None)
-        self.columns_in_16bit: list[int] = []  # per call: how many input columns took the 16-bit path
+        self._seal()
+        self.calls, self.columns_in_16bit = 0, 0  # forward calls, and input columns sent to the 16-bit path over them
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold: float|None = 6.0):
@@ -200,7 +217,10 @@ class LLMInt8Linear(nn.Module):
         if linear.bias is not None: layer.bias.copy_(linear.bias.detach())
         return layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def settings(self) -> dict: return dict(threshold=self.threshold)
+    def weight(self) -> RowwiseInt8Weight: return RowwiseInt8Weight(self.weight_codes, self.weight_absmax)
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         codes, row_absmax, columns = int8_vectorwise_quant(rows.half(), self.threshold)
         y = int8_matmul(codes, self.weight_codes).float() * (row_absmax[:, None] * self.weight_absmax[None]) / 127**2
@@ -208,26 +228,19 @@ class LLMInt8Linear(nn.Module):
         if len(columns):  # the outlier columns: activations as they came, weights dequantized
             weight = self.weight_codes[:, columns].float() * (self.weight_absmax[:, None] / 127)
             y = y + (rows[:, columns] @ weight.to(rows.dtype).T).float()
-        self.columns_in_16bit.append(len(columns))
+        self.calls, self.columns_in_16bit = self.calls + 1, self.columns_in_16bit + len(columns)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-
-    @property
-    def bits_per_weight(self) -> float:
-        "Stored bits per weight: the INT8 codes and one float32 absmax per output channel."
-        return 8 + 32 / self.in_features
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, threshold={self.threshold}"
 
 # %% ../nbs/03_outliers.ipynb #cb4acdd1
-def quantize_model_llm_int8(model, # a model with nn.Linear layers (changed in place)
-                            threshold: float|None = 6.0, # outlier threshold; None: plain vector-wise INT8
-                            names: list[str]|None = None, # layers to replace (default: `linear_names(model)`)
-                           ):
-    "Replace linear layers of `model` by `LLMInt8Linear`s; return the model."
-    _check_threshold(threshold)
-    replace_linears(model, lambda name, linear: LLMInt8Linear.from_linear(linear, threshold), names)
-    return model
+def _llm_int8(linear: nn.Linear, statistics, threshold: float|None) -> LLMInt8Linear:
+    "LLM.int8() finds its outlier columns at run time: no statistics are needed."
+    return LLMInt8Linear.from_linear(linear, threshold)
+
+register_method(Method('llm_int8', LLMInt8Linear, dict(threshold=6.0), _llm_int8,
+                       doc="LLM.int8(): INT8 rows, and input columns holding |x| >= threshold in 16 bits"))
 
 # %% ../nbs/03_outliers.ipynb #50ad0f94
 def _check_alpha(alpha):
@@ -246,17 +259,28 @@ def smooth_scales(act_absmax: torch.Tensor, # max |x| per input channel, from ca
     return (act.pow(alpha) / weight.pow(1 - alpha)).clamp(min=1e-5)
 
 # %% ../nbs/03_outliers.ipynb #ba44038b
+def _weight_offset(norm: nn.Module) -> float:
+    "0 if `norm` multiplies by its weight (Llama's RMSNorm, LayerNorm), 1 if by 1 + weight (Gemma's), found by trying."
+    params = [p for p in (norm.weight, getattr(norm, 'bias', None)) if p is not None]
+    saved = [p.data.clone() for p in params]
+    for p in params: p.data.zero_()
+    try: out = norm(torch.randn(2, norm.weight.shape[0], dtype=norm.weight.dtype, device=norm.weight.device))
+    finally:
+        for p, s in zip(params, saved): p.data.copy_(s)
+    return 0.0 if out.abs().max() == 0 else 1.0
+
 @torch.no_grad()
-def smooth_norm_linears(norm: nn.Module, # an RMSNorm (or LayerNorm) whose per-channel `weight` feeds `linears`
+def smooth_norm_linears(norm: nn.Module, # a norm with a per-channel `weight` (and maybe `bias`) that feeds `linears`
                         linears: list[nn.Linear], # the layers reading the norm's output
                         act_absmax: torch.Tensor, # max |x| per channel of that output, from calibration
                         alpha: float = 0.5) -> torch.Tensor:
     "Fold SmoothQuant's factors into `norm` (divide) and `linears` (multiply their columns), in place; return them."
-    if len({l.in_features for l in linears}) != 1 or norm.weight.shape != (linears[0].in_features,):
-        raise ValueError(f"the norm's weight {tuple(norm.weight.shape)} and every linear's in_features must agree")
-    if getattr(norm, 'bias', None) is not None: raise ValueError("the norm has a bias: divide it by the factors too (not handled here)")
+    if len({l.in_features for l in linears}) != 1 or getattr(norm, 'weight', None) is None or norm.weight.shape != (linears[0].in_features,):
+        raise ValueError(f"the norm's weight {tuple(getattr(norm, 'weight', torch.empty(0)).shape)} and every linear's in_features must agree")
     factors = smooth_scales(act_absmax.to(norm.weight.device), torch.cat([l.weight for l in linears]).abs().amax(0), alpha)
-    norm.weight.div_(factors.to(norm.weight.dtype))
+    offset = _weight_offset(norm)
+    norm.weight.copy_((norm.weight + offset) / factors.to(norm.weight.dtype) - offset)
+    if getattr(norm, 'bias', None) is not None: norm.bias.div_(factors.to(norm.bias.dtype))
     for linear in linears: linear.weight.mul_(factors.to(linear.weight.dtype))
     return factors
 
@@ -266,7 +290,9 @@ def smooth_up_down(mlp: nn.Module, # a gated MLP with `up_proj` and `down_proj`
                    act_absmax: torch.Tensor, # max |x| per channel of down_proj's input, from calibration
                    alpha: float = 0.5) -> torch.Tensor:
     "Fold SmoothQuant's factors for `down_proj`'s input into `up_proj`'s output rows, in place; return them."
-    up, down = mlp.up_proj, mlp.down_proj
+    up, down = getattr(mlp, 'up_proj', None), getattr(mlp, 'down_proj', None)
+    if not (isinstance(up, nn.Linear) and isinstance(down, nn.Linear)):
+        raise ValueError(f"down_proj=True needs a gated MLP with `up_proj` and `down_proj` linears; {type(mlp).__name__} has none")
     factors = smooth_scales(act_absmax.to(down.weight.device), down.weight.abs().amax(0), alpha)
     up.weight.div_(factors[:, None].to(up.weight.dtype))
     if up.bias is not None: up.bias.div_(factors.to(up.bias.dtype))
@@ -274,33 +300,47 @@ def smooth_up_down(mlp: nn.Module, # a gated MLP with `up_proj` and `down_proj`
     return factors
 
 # %% ../nbs/03_outliers.ipynb #925d4f6e
-def smooth_model(model, # a Llama-style model (changed in place)
-                 stats: dict[str, ChannelStats], # calibration statistics from `input_stats`
+@torch.no_grad()
+def smooth_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, # a decoder block, its calibration input and keywords
                  alpha: float = 0.5, # migration strength, in [0, 1]
                  down_proj: bool = False, # also smooth down_proj's input through up_proj (`smooth_up_down`)
                 ) -> dict[str, torch.Tensor]:
-    "SmoothQuant every decoder block: input_layernorm -> q, k, v and post_attention_layernorm -> gate, up."
+    "Fold SmoothQuant's factors into every norm of `block` that feeds linear layers directly; return them by module."
     _check_alpha(alpha)
-    blocks = [(name, m) for name, m in model.named_modules() if hasattr(m, 'input_layernorm') and hasattr(m, 'post_attention_layernorm')]
-    if not blocks: raise ValueError("no Llama-style decoder blocks (input_layernorm, self_attn, post_attention_layernorm, mlp) found")
+    groups = [g for g in linear_groups(block, hidden, kwargs) if g.source is not None]
+    down = [n for n in linear_names(block) if n.endswith('down_proj')] if down_proj else []
+    with capture_inputs(block, [g.names[0] for g in groups] + down, to_cpu=False) as seen: run_block(block, hidden, kwargs)
+    absmax = lambda name: seen[name][0].reshape(-1, seen[name][0].shape[-1]).abs().amax(0).float()
+    factors = {g.source: smooth_norm_linears(block.get_submodule(g.source), [block.get_submodule(n) for n in g.names],
+                                             absmax(g.names[0]), alpha)
+               for g in groups if getattr(block.get_submodule(g.source), 'weight', None) is not None}
+    if not factors: raise ValueError(f"no norm in {type(block).__name__} feeds linear layers directly: SmoothQuant has "
+                                     "nowhere to fold its factors (see `linear_groups`)")
+    for name in down: factors[name.removesuffix('down_proj') + 'up_proj'] = smooth_up_down(
+        block.get_submodule(name.removesuffix('.down_proj')), absmax(name), alpha)
+    return factors
+
+@torch.no_grad()
+def smooth_model(model, # a decoder-only transformers model (changed in place)
+                 calibration: torch.Tensor, # (n_samples, seq_len) token ids
+                 alpha: float = 0.5, # migration strength, in [0, 1]
+                 down_proj: bool = False, # also smooth down_proj's input through up_proj (`smooth_up_down`)
+                ) -> dict[str, torch.Tensor]:
+    "SmoothQuant every decoder block, block after block, on the calibration tokens; return the factors by module."
+    _check_alpha(alpha)
+    prefix, blocks = decoder_blocks(model)
+    hidden, kwargs = block_inputs(model, calibration)
     factors = {}
-    for name, block in blocks:
-        attn, mlp = block.self_attn, block.mlp
-        factors[f'{name}.input_layernorm'] = smooth_norm_linears(block.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj],
-                                                                 stats[f'{name}.self_attn.q_proj'].absmax, alpha)
-        factors[f'{name}.post_attention_layernorm'] = smooth_norm_linears(block.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj],
-                                                                          stats[f'{name}.mlp.gate_proj'].absmax, alpha)
-        if down_proj: factors[f'{name}.mlp.up_proj'] = smooth_up_down(mlp, stats[f'{name}.mlp.down_proj'].absmax, alpha)
+    for index, block in enumerate(blocks):
+        factors.update({f'{prefix}.{index}.{name}': f for name, f in smooth_block(block, hidden, kwargs[index], alpha, down_proj).items()})
+        hidden = run_block(block, hidden, kwargs[index])  # the float function is unchanged: the next block's input too
     return factors
 
 # %% ../nbs/03_outliers.ipynb #732a2c67
-def quantize_model_smoothquant(model, # a Llama-style model (changed in place)
-                               stats: dict[str, ChannelStats], # calibration statistics from `input_stats`
-                               alpha: float = 0.5, # migration strength, in [0, 1]
-                               granularity: str = 'token', # activation scales: 'token' or 'tensor'
-                               down_proj: bool = False, # also smooth down_proj's input through up_proj
-                              ):
-    "SmoothQuant: fold the smoothing factors into the norms, then W8A8 every linear layer; return the model."
-    _check_granularity(granularity)
-    smooth_model(model, stats, alpha, down_proj)
-    return quantize_model_w8a8(model, granularity)
+def _smoothquant(linear: nn.Linear, statistics, alpha: float, granularity: str, down_proj: bool) -> W8A8Linear:
+    "After the block was smoothed (`smooth_block`), each layer is plain W8A8."
+    return W8A8Linear.from_linear(linear, granularity)
+
+register_method(Method('smoothquant', W8A8Linear, dict(alpha=0.5, granularity='token', down_proj=False), _smoothquant,
+                       needs_calibration=True, prepare_block=smooth_block,
+                       doc='SmoothQuant: per-channel factors folded into the norms (and up_proj), then W8A8'))

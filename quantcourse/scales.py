@@ -11,52 +11,37 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .core import replace_linears
+from .core import replace_linears, check_int, check_tensor, QuantizedLinear, Method, register_method
 
 # %% auto #0
-__all__ = ['ARCHS', 'NF4_DQ_BITS', 'GGML_BITS', 'FORMATS', 'qrange', 'scale_zero', 'quantize_codes', 'dequantize_codes',
-           'QuantizedWeight', 'quantize_weight', 'fake_quantize', 'bits_per_weight', 'pack', 'unpack', 'QuantLinear',
-           'quantize_model_rtn', 'Arch', 'arch_from_config', 'q4_k_m_type', 'memory_estimate']
+__all__ = ['ARCHS', 'NF4_DQ_BITS', 'GGML_BITS', 'FORMATS', 'check_bits', 'qrange', 'scale_zero', 'quantize_codes',
+           'dequantize_codes', 'check_group_size', 'QuantizedWeight', 'quantize_weight', 'fake_quantize',
+           'bits_per_weight', 'pack', 'unpack', 'QuantLinear', 'Arch', 'arch_from_config', 'q4_k_m_type',
+           'memory_estimate']
 
 # %% ../nbs/02_scales.ipynb #91cdc442
-def _check_bits(bits, name: str = 'bits'):
-    "Raise unless `bits` is an integer from 2 to 8."
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        raise TypeError(f"{name} must be an int from 2 to 8, got {bits!r} of type {type(bits).__name__}")
-    if not 2 <= bits <= 8: raise ValueError(f"{name} must be from 2 to 8, got {bits}")
+def check_bits(bits, name: str = 'bits') -> int:
+    "`bits` if it is an integer from 2 to 8; else a clear error."
+    return check_int(bits, name, 2, 8)
 
 # %% ../nbs/02_scales.ipynb #9ea0fe3c
 def qrange(bits: int, # bits per code, 2 to 8
            symmetric: bool, # signed codes (True) or unsigned codes with a zero-point (False)
           ) -> tuple[int, int]:
     "The smallest and largest integer code: signed $[-2^{b-1}, 2^{b-1}-1]$ or unsigned $[0, 2^b-1]$."
-    _check_bits(bits)
+    check_bits(bits)
     return (-2**(bits - 1), 2**(bits - 1) - 1) if symmetric else (0, 2**bits - 1)
-
-# %% ../nbs/02_scales.ipynb #2462d4b6
-def _check_weight(weight, name: str = 'weight'):
-    "Raise unless `weight` is a non-empty floating-point tensor of finite numbers."
-    if not isinstance(weight, torch.Tensor): raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
-    if not weight.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {weight.dtype}; convert it with .float()")
-    if weight.numel() == 0 or weight.ndim == 0: raise ValueError(f"{name} must be a non-empty tensor with at least one dimension, got shape {tuple(weight.shape)}")
-    low, high = torch.aminmax(weight.detach())  # NaN propagates into both, -Inf/+Inf show in one: a single cheap pass
-    if not (math.isfinite(low.item()) and math.isfinite(high.item())):
-        bad = (~torch.isfinite(weight)).sum().item()
-        raise ValueError(f"{name} holds {bad} NaN or Inf value(s); quantize finite numbers only")
 
 # %% ../nbs/02_scales.ipynb #09235c76
 def scale_zero(weight: torch.Tensor, # floats; statistics run over the last dimension
                bits: int, # bits per code, 2 to 8
                symmetric: bool = True, # absmax scale and no zero-point, or min/max scale and a zero-point
                scale_dtype: torch.dtype|None = None, # round the scale to this dtype first (e.g. float16, as stored)
+               check: bool = True, # check the arguments (inner loops that already did pass False)
               ) -> tuple[torch.Tensor, torch.Tensor|None]:
     "Scale (and zero-point, None if symmetric) per slice of the last dimension, shape `(..., 1)`."
-    _check_weight(weight); _check_bits(bits)
-    return _scale_zero(weight.float(), bits, symmetric, scale_dtype)
-
-def _scale_zero(weight, bits, symmetric, scale_dtype):
-    "`scale_zero` without the input checks."
+    if check: check_tensor(weight, 'weight'); check_bits(bits)
+    weight = weight.float()
     qmin, qmax = qrange(bits, symmetric)
     if symmetric: scale = weight.abs().amax(-1, keepdim=True) / qmax
     else:
@@ -101,7 +86,7 @@ def dequantize_codes(codes: torch.Tensor, # integer codes
     return x * scale.float()
 
 # %% ../nbs/02_scales.ipynb #b7ac9478
-def _check_group_size(group_size, in_features: int):
+def check_group_size(group_size, in_features: int):
     "Raise unless `group_size` is 'tensor', 'channel' or a positive int dividing `in_features`."
     if group_size in ('tensor', 'channel'): return
     if isinstance(group_size, bool) or not isinstance(group_size, int):
@@ -136,11 +121,29 @@ class QuantizedWeight:
         zero = None if self.zero is None else self.zero[..., None]
         return dequantize_codes(_groups(self.codes, self.group_size), self.scale[..., None], zero).reshape(self.shape).to(dtype)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        "What is stored: the codes packed `bits` to a code, the float16 scales, the packed zero-points."
+        stored = dict(qweight=pack(self.codes, self.bits), scale=self.scale)
+        if self.zero is not None: stored['qzeros'] = pack(self.zero, self.bits)
+        return stored
+
     @property
     def bits_per_weight(self) -> float:
-        "Stored bits per weight: codes, float16 scales and `bits`-bit zero-points."
-        return bits_per_weight(self.bits, self.group_size, self.shape[-1], scale_bits=16,
-                               zero_bits=None if self.symmetric else self.bits, out_features=math.prod(self.shape[:-1]))
+        "Every stored bit per weight: 8 x the bytes of `tensors()` / the number of weights."
+        return 8 * sum(t.numel() * t.element_size() for t in self.tensors().values()) / math.prod(self.shape)
+
+    def config(self) -> dict:
+        "The settings that, with `tensors()`, rebuild this weight (`from_tensors`)."
+        return dict(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, shape=list(self.shape))
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, config: dict) -> QuantizedWeight:
+        "The weight that `tensors()` and `config()` describe."
+        bits, shape, symmetric = config['bits'], tuple(config['shape']), config['symmetric']
+        codes = unpack(tensors['qweight'], bits, math.prod(shape), signed=symmetric).view(shape)
+        scale = tensors['scale']
+        zero = None if symmetric else unpack(tensors['qzeros'], bits, scale.numel()).view(scale.shape)
+        return cls(codes, scale, zero, bits, config['group_size'], symmetric, shape)
 
 # %% ../nbs/02_scales.ipynb #131b1bb8
 def quantize_weight(weight: torch.Tensor, # (out_features, in_features), floating point
@@ -149,9 +152,9 @@ def quantize_weight(weight: torch.Tensor, # (out_features, in_features), floatin
                     symmetric: bool = True, # absmax (no zero-point) or min/max with a zero-point
                    ) -> QuantizedWeight:
     "Round-to-nearest quantization of `weight` with float16 scales at the chosen granularity."
-    _check_weight(weight); _check_bits(bits); _check_group_size(group_size, weight.shape[-1])
+    check_tensor(weight, 'weight'); check_bits(bits); check_group_size(group_size, weight.shape[-1])
     grouped = _groups(weight.detach().float(), group_size)
-    scale, zero = _scale_zero(grouped, bits, symmetric, torch.float16)
+    scale, zero = scale_zero(grouped, bits, symmetric, torch.float16, check=False)
     codes = quantize_codes(grouped, scale, zero, bits, symmetric).reshape(weight.shape)
     return QuantizedWeight(codes, scale[..., 0].half(), None if zero is None else zero[..., 0].to(torch.uint8),
                            bits, group_size, symmetric, tuple(weight.shape))
@@ -182,7 +185,7 @@ def pack(codes: torch.Tensor, # integer codes in [0, 2**bits) or [-2**(bits-1), 
          bits: int, # bits per code, 2 to 8
         ) -> torch.Tensor:
     "Pack codes (flattened) into a uint8 tensor of `ceil(numel/8) * bits` bytes."
-    _check_bits(bits)
+    check_bits(bits)
     if codes.is_floating_point() or codes.dtype == torch.bool: raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
     flat = codes.flatten().to(torch.int16)
     if flat.numel() and (flat.min() < -2**(bits - 1) or flat.max() >= 2**bits):
@@ -203,7 +206,7 @@ def unpack(packed: torch.Tensor, # uint8 bytes from `pack`
            signed: bool = False, # sign-extend to int8 (codes were signed) or return uint8
           ) -> torch.Tensor:
     "The first `numel` codes stored in `packed`, as uint8 (or int8 if `signed`)."
-    _check_bits(bits)
+    check_bits(bits)
     if packed.dtype != torch.uint8: raise TypeError(f"packed must be a uint8 tensor, got {packed.dtype}")
     if packed.numel() != -(-numel // 8) * bits: raise ValueError(f"packed holds {packed.numel()} bytes; numel={numel} codes of {bits} bits need {-(-numel // 8) * bits}")
     arange = lambda n, dtype: torch.arange(n, device=packed.device, dtype=dtype)
@@ -216,57 +219,57 @@ def unpack(packed: torch.Tensor, # uint8 bytes from `pack`
     return codes.to(torch.int8 if signed else torch.uint8)
 
 # %% ../nbs/02_scales.ipynb #51e21377
-class QuantLinear(nn.Module):
+class QuantLinear(QuantizedLinear):
     "An `nn.Linear` whose weight is stored as packed b-bit codes with float16 group scales (and zero-points)."
+    method = 'rtn'
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int|str = 'channel',
-                 symmetric: bool = True, bias: bool = True):
-        super().__init__()
-        _check_bits(bits); _check_group_size(group_size, in_features)
-        self.in_features, self.out_features, self.bits, self.group_size, self.symmetric = in_features, out_features, bits, group_size, symmetric
+                 symmetric: bool = False, bias: bool = True):
+        super().__init__(in_features, out_features, bias)
+        check_bits(bits); check_group_size(group_size, in_features)
+        if not isinstance(symmetric, bool): raise TypeError(f"symmetric must be True or False, got {symmetric!r}")
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         rows, groups, _ = _groups(torch.empty(out_features, in_features, device='meta'), group_size).shape
-        n = out_features * in_features
-        self.register_buffer('qweight', torch.zeros(-(-n // 8) * bits, dtype=torch.uint8))
-        self.register_buffer('scale', torch.ones(rows, groups, dtype=torch.float16))
-        self.register_buffer('qzeros', None if symmetric else torch.zeros(-(-rows * groups // 8) * bits, dtype=torch.uint8))
-        self.register_buffer('bias', torch.zeros(out_features) if bias else None)
+        codes = torch.zeros(out_features, in_features, dtype=torch.int8 if symmetric else torch.uint8)
+        zero = None if symmetric else torch.zeros(rows, groups, dtype=torch.uint8)
+        empty = QuantizedWeight(codes, torch.ones(rows, groups, dtype=torch.float16), zero, bits, group_size, symmetric, codes.shape)
+        for name, tensor in empty.tensors().items(): self.register_buffer(name, tensor)
+        self._seal()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int|str = 'channel', symmetric: bool = True):
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int|str = 'channel', symmetric: bool = False):
         "Quantize an `nn.Linear` by round-to-nearest."
-        return cls.from_quantized(quantize_weight(linear.weight, bits, group_size, symmetric), linear.bias)
+        return cls.from_weight(quantize_weight(linear.weight, bits, group_size, symmetric), linear.bias)
 
     @classmethod
-    def from_quantized(cls, q: QuantizedWeight, bias: torch.Tensor|None = None):
+    def from_weight(cls, q: QuantizedWeight, bias: torch.Tensor|None = None):
         "Wrap an already quantized weight (from any method that produces a `QuantizedWeight`)."
         out_features, in_features = q.shape
         layer = cls(in_features, out_features, q.bits, q.group_size, q.symmetric, bias is not None).to(q.codes.device)
-        layer.qweight.copy_(pack(q.codes, q.bits)); layer.scale.copy_(q.scale)
-        if q.zero is not None: layer.qzeros.copy_(pack(q.zero, q.bits))
+        for name, tensor in q.tensors().items(): getattr(layer, name).copy_(tensor)
         if bias is not None: layer.bias.copy_(bias.detach().float())
         return layer
 
-    def quantized(self) -> QuantizedWeight:
-        "The stored weight, unpacked."
-        shape = (self.out_features, self.in_features)
-        codes = unpack(self.qweight, self.bits, math.prod(shape), signed=self.symmetric).view(shape)
-        zero = None if self.symmetric else unpack(self.qzeros, self.bits, self.scale.numel()).view(self.scale.shape)
-        return QuantizedWeight(codes, self.scale, zero, self.bits, self.group_size, self.symmetric, shape)
+    def settings(self) -> dict: return dict(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quantized().dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+    def weight(self) -> QuantizedWeight:
+        "The stored weight, unpacked."
+        tensors = dict(qweight=self.qweight, scale=self.scale, qzeros=getattr(self, 'qzeros', None))
+        return QuantizedWeight.from_tensors(tensors, dict(self.settings(), shape=[self.out_features, self.in_features]))
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight().dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size!r}, symmetric={self.symmetric}, bias={self.bias is not None}")
 
 # %% ../nbs/02_scales.ipynb #adce9e71
-def quantize_model_rtn(model, # a model with nn.Linear layers (changed in place)
-                       bits: int = 4, group_size: int|str = 'channel', symmetric: bool = True,
-                       names: list[str]|None = None, # layers to quantize (default: `linear_names(model)`)
-                      ):
-    "Replace linear layers of `model` by round-to-nearest `QuantLinear`s; return the model."
-    replace_linears(model, lambda name, linear: QuantLinear.from_linear(linear, bits, group_size, symmetric), names)
-    return model
+def _rtn(linear: nn.Linear, statistics, bits: int, group_size, symmetric: bool) -> QuantLinear:
+    "Round-to-nearest: the statistics of the inputs are not needed."
+    return QuantLinear.from_linear(linear, bits, group_size, symmetric)
+
+register_method(Method('rtn', QuantLinear, dict(bits=4, group_size=64, symmetric=False), _rtn,
+                       doc='round-to-nearest integer codes, float16 group scales and zero-points'))
 
 # %% ../nbs/02_scales.ipynb #d60a6b33
 @dataclass(frozen=True)
