@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 import transformers
 import quantcourse.gptq as gptq
-from quantcourse.core import Budget, load_model, get_budget, calibration_samples, evaluate, default_device
+from quantcourse.core import Budget, load_model, get_budget, calibration_samples, evaluate, default_device, QuantizedLinear, METHODS
+from quantcourse.api import quantize_model
 from benchmeta import run_metadata
 from gptq_speed import check_correctness
 from gptq_table import ALL_SETTINGS, load_reference, quantize_model_reference, timed, parse_setting
@@ -36,7 +37,7 @@ VARIANTS = {'seed1': ALL_SETTINGS, 'seed2': ALL_SETTINGS, 'float32_scales': ALL_
             'static_groups_seed1': GROUPED, 'static_groups_seed2': GROUPED, 'reference_seed1': ALL_SETTINGS}
 
 
-class StaleGroupGrid(gptq._ColumnGrid):
+class StaleGroupGrid(gptq.ColumnGrid):
     "Groups found on the fly from the weights as they stood at the start of the current lazy block (the reference's way)."
     block = 128
     def round(self, column, upcoming, codes):
@@ -51,10 +52,10 @@ class StaleGroupGrid(gptq._ColumnGrid):
         super().fit(columns)
 
 
-class Float32Grid(gptq._ColumnGrid):
+class Float32Grid(gptq.ColumnGrid):
     "Grids with float32 scales, as the reference keeps them (ours rounds them up to float16 before choosing codes)."
     def fit(self, columns):
-        scale, zero = gptq._scale_zero(columns.float(), self.bits, self.symmetric, None)
+        scale, zero = gptq.scale_zero(columns, self.bits, self.symmetric, None, check=False)
         self.params.append((scale[:, 0], 1 / scale[:, 0], None if zero is None else zero[:, 0]))
 
     def result(self, codes, damping, losses=None):
@@ -90,16 +91,33 @@ def check_as_reference(reference, device) -> str:
         worker.add_batch(inputs[None], None)
         hessian = worker.H.clone()
         with contextlib.redirect_stdout(io.StringIO()): worker.fasterquant(percdamp=.01, groupsize=64, actorder=act_order)
-        with patched(gptq, _ColumnGrid=ReferenceLikeGrid): ours = gptq.gptq_quantize(weight, hessian, 4, 64, act_order=act_order)
+        with patched(gptq, ColumnGrid=ReferenceLikeGrid): ours = gptq.gptq_quantize(weight, hessian, 4, 64, act_order=act_order)
         worst = max(worst, (ours.dequantize() - layer.weight.data).abs().max().item())
     if worst > 1e-5: raise AssertionError(f"ours with the reference's habits differs from the reference by {worst:.3g}")
     return f"ours with the reference's habits gives the reference's weights to {worst:.1e} (64 x 512 layers, 4-bit g64, with and without act order)"
 
 
-KEEP_FLOATS = dict(replace_linears=lambda *args, **kwargs: None)  # keep the float weights: packing would round scales to float16
-OURS = {  # variant: (extra arguments of quantize_model_gptq, attributes of quantcourse.gptq to replace)
-    'seed': ({}, {}), 'static_groups': (dict(static_groups=True), {}), 'stale_group_grid': ({}, dict(_ColumnGrid=StaleGroupGrid)),
-    'float32_scales': ({}, dict(_ColumnGrid=Float32Grid, **KEEP_FLOATS)), 'as_reference': ({}, dict(_ColumnGrid=ReferenceLikeGrid, **KEEP_FLOATS))}
+class FloatWeightLinear(QuantizedLinear):
+    "GPTQ's weight as a patched grid computed it, kept in float32 (packing would round float32 scales to float16)."
+    method = 'gptq_float32'
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer('values', torch.zeros(out_features, in_features)); self._seal()
+    def settings(self): return {}
+    def compute(self, x): return torch.nn.functional.linear(x, self.values.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+def float_weights(linear, hessian, bits, group_size, symmetric, **options):
+    "The registry's GPTQ step, but the quantized weight stays float32."
+    q = gptq.gptq_quantize(linear.weight, hessian, bits, group_size, symmetric, **options)
+    layer = FloatWeightLinear(linear.in_features, linear.out_features, linear.bias is not None).to(linear.weight.device)
+    layer.values.copy_(q.dequantize(torch.float32))
+    if linear.bias is not None: layer.bias.copy_(linear.bias.detach())
+    return layer
+
+KEEP_FLOATS = dict(quantize=float_weights)
+OURS = {  # variant: (extra settings of quantize_model's 'gptq', attributes of quantcourse.gptq to replace, of its Method to replace)
+    'seed': ({}, {}, {}), 'static_groups': (dict(static_groups=True), {}, {}), 'stale_group_grid': ({}, dict(ColumnGrid=StaleGroupGrid), {}),
+    'float32_scales': ({}, dict(ColumnGrid=Float32Grid), KEEP_FLOATS), 'as_reference': ({}, dict(ColumnGrid=ReferenceLikeGrid), KEEP_FLOATS)}
 
 
 def run_variant(variant, model, calibrations, bits, group, act_order, reference):
@@ -107,9 +125,10 @@ def run_variant(variant, model, calibrations, bits, group, act_order, reference)
     calibration = calibrations[int(variant[-1])] if variant[-5:-1] == 'seed' else calibrations[0]  # 'seed1', 'static_groups_seed2'
     variant = 'seed' if variant.startswith('seed') else variant.removesuffix('_seed1').removesuffix('_seed2')
     if variant in OURS:
-        extra, attributes = OURS[variant]
+        extra, attributes, method = OURS[variant]
         def quantize(m):
-            with patched(gptq, **attributes): gptq.quantize_model_gptq(m, calibration, bits, group, act_order=act_order, progress=False, **extra)
+            with patched(gptq, **attributes), patched(METHODS['gptq'], **method):
+                quantize_model(m, 'gptq', calibration=calibration, bits=bits, group_size=group, act_order=act_order, progress=False, **extra)
     elif variant in ('reference', 'reference_static_groups'):
         fasterquant = reference[0].GPTQ.fasterquant  # gptq_table.py calls it with static_groups=False
         static = dict(fasterquant=lambda self, *args, **kwargs: fasterquant(self, *args, **{**kwargs, 'static_groups': True}))

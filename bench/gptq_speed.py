@@ -15,8 +15,8 @@ import argparse, copy, json, tempfile, time
 from pathlib import Path
 import torch
 from quantcourse.core import Budget, load_model, get_budget, calibration_samples, evaluate, default_device
-from quantcourse.scales import quantize_model_rtn
-from quantcourse.gptq import Hessian, damped_inverse_cholesky, gptq_quantize, naive_gptq, quantize_model_gptq
+from quantcourse.gptq import Hessian, damped_inverse_cholesky, gptq_quantize, naive_gptq
+from quantcourse.api import quantize_model
 
 from benchmeta import run_metadata, sync
 
@@ -68,13 +68,13 @@ def model_table(device, budget, settings_list):
     rows = [dict(method='reference', bits=32, group='-', act_order='-', quantize_s=0.0, perplexity=ref['perplexity'])]
     for bits, group in dict.fromkeys((b, g) for b, g, _ in settings_list):
         q = copy.deepcopy(model); sync(device); start = time.perf_counter()
-        quantize_model_rtn(q, bits, group, symmetric=False); sync(device)
+        quantize_model(q, 'rtn', bits=bits, group_size=group, symmetric=False, progress=False); sync(device)
         rows.append(dict(method='RTN', bits=bits, group=group, act_order='-', quantize_s=time.perf_counter() - start,
                          perplexity=evaluate(q, tokenizer, budget, progress=False)['perplexity']))
         del q
     for bits, group, act in settings_list:
         q = copy.deepcopy(model); sync(device); start = time.perf_counter()
-        quantize_model_gptq(q, calibration, bits, group, act_order=act, progress=False); sync(device)
+        quantize_model(q, 'gptq', calibration=calibration, bits=bits, group_size=group, act_order=act, progress=False); sync(device)
         rows.append(dict(method='GPTQ', bits=bits, group=group, act_order=act, quantize_s=time.perf_counter() - start,
                          perplexity=evaluate(q, tokenizer, budget, progress=False)['perplexity']))
         del q

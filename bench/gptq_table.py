@@ -3,8 +3,8 @@
 For each setting (4 and 3 bits; one grid per row or groups of 64; with and without activation order; asymmetric
 grids, damping 1% of the mean diagonal, groups found on the fly) it quantizes a fresh copy of the course model three
 ways, times the quantization, and measures perplexity on the evaluation novel:
-- RTN: chapter 02's `quantize_model_rtn`;
-- ours: `quantcourse.gptq.quantize_model_gptq` (block by block, every layer calibrated on the outputs of the
+- RTN: `quantize_model(model, 'rtn', ...)`;
+- ours: `quantize_model(model, 'gptq', ...)` (block by block, every layer calibrated on the outputs of the
   quantized layers before it);
 - the reference: IST-DASLab's `gptq.py` and `quant.py` (github.com/IST-DASLab/gptq), imported at run time from
   --reference (they are not part of this repository), driven block by block in their --true-sequential order for
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import transformers
 from quantcourse.core import Budget, load_model, get_budget, calibration_samples, evaluate, default_device
-from quantcourse.scales import quantize_model_rtn
-from quantcourse.gptq import model_bits, quantize_model_gptq, first_block_inputs, _blocks, _run_block
+from quantcourse.core import model_bits, block_inputs, decoder_blocks, run_block
+from quantcourse.api import quantize_model
 from benchmeta import run_metadata, sync
 from gptq_speed import check_correctness
 
@@ -50,8 +50,8 @@ def load_reference(folder: Path):
 def quantize_model_reference(model, calibration, bits, group, act_order, reference):
     "Quantize `model` in place with the reference's GPTQ class, block by block, in its true-sequential order."
     reference_gptq, reference_quant = reference
-    hidden, kwargs = first_block_inputs(model, calibration)
-    for block in _blocks(model):
+    hidden, per_block = block_inputs(model, calibration)
+    for block, kwargs in zip(decoder_blocks(model)[1], per_block):
         for names in TRUE_SEQUENTIAL:  # each group calibrated on the outputs of the groups quantized before it
             workers = {}
             for name in names:
@@ -60,7 +60,7 @@ def quantize_model_reference(model, calibration, bits, group, act_order, referen
                 workers[name].quantizer.configure(bits, perchannel=True, sym=False, mse=False)
             def add_batch(worker): return lambda module, inputs, output: worker.add_batch(inputs[0].data, output.data)
             handles = [block.get_submodule(name).register_forward_hook(add_batch(workers[name])) for name in names]
-            try: _run_block(block, hidden, kwargs)
+            try: run_block(block, hidden, kwargs)
             finally:
                 for handle in handles: handle.remove()
             for worker in workers.values():
@@ -68,7 +68,7 @@ def quantize_model_reference(model, calibration, bits, group, act_order, referen
                     worker.fasterquant(percdamp=.01, groupsize=-1 if group == 'channel' else group, actorder=act_order,
                                        static_groups=False)
                 worker.free()
-        hidden = _run_block(block, hidden, kwargs)
+        hidden = run_block(block, hidden, kwargs)
 
 
 def timed(quantize, model, device) -> float:
@@ -117,7 +117,7 @@ def main():
                   reference_model_perplexity=float_model['perplexity'],
                   reference_code=f"IST-DASLab/gptq gptq.py + quant.py from {args.reference}, true-sequential order, "
                                  f"percdamp 0.01, asymmetric per-channel Quantizer (mse=False), groups found on the fly",
-                  how="RTN: quantize_model_rtn (asymmetric); ours: quantize_model_gptq (asymmetric, percdamp 0.01, groups "
+                  how="RTN: quantize_model('rtn') (asymmetric); ours: quantize_model('gptq') (asymmetric, percdamp 0.01, groups "
                       "found on the fly); seconds: quantization only, device synchronized",
                   rows_from="commit, dirty and recorded above are the latest run's; each row names the commit and time of the "
                             "run that made it (rows merged from earlier runs keep theirs; rows without them predate that)")
@@ -128,13 +128,14 @@ def main():
     for bits, group, act_order in settings:
         if (bits, group) not in rtn:
             quantized = copy.deepcopy(model)
-            seconds = timed(lambda m: quantize_model_rtn(m, bits, group, symmetric=False), quantized, device)
+            seconds = timed(lambda m: quantize_model(m, 'rtn', bits=bits, group_size=group, symmetric=False, progress=False), quantized, device)
             rtn[bits, group] = (evaluate(quantized, tokenizer, budget, progress=False)['perplexity'], seconds)
             del quantized
         row = dict(bits=bits, group=group, act_order=act_order, rtn_perplexity=rtn[bits, group][0], rtn_seconds=rtn[bits, group][1],
                    commit=meta['commit'], dirty=meta['dirty'], recorded=meta['recorded'])
         ours = copy.deepcopy(model)
-        row['ours_seconds'] = timed(lambda m: quantize_model_gptq(m, calibration, bits, group, act_order=act_order, progress=False), ours, device)
+        row['ours_seconds'] = timed(lambda m: quantize_model(m, 'gptq', calibration=calibration, bits=bits, group_size=group,
+                                                        act_order=act_order, progress=False), ours, device)
         row['ours_perplexity'] = evaluate(ours, tokenizer, budget, progress=False)['perplexity']
         row['ours_bits_per_weight'] = model_bits(ours)
         del ours

@@ -60,7 +60,7 @@ def check(layer: W8A8Linear, x: torch.Tensor, weight: torch.Tensor, codes: torch
     accumulated = int8_matmul(codes, layer.weight_codes)
     exact = codes.double() @ layer.weight_codes.double().T  # exact in float64 (|partial sums| < 2**31 < 2**53)
     _, scale = quantize_activations(x, layer.granularity)
-    reference = (codes.double() * scale.double()) @ layer.quantized().dequantize(torch.float64).T
+    reference = (codes.double() * scale.double()) @ layer.weight().dequantize(torch.float64).T
     if layer.bias is not None: reference = reference + layer.bias.double()
     max_rel, rel_l2 = rel_errors(layer(x), reference)
     _, float_rel_l2 = rel_errors(F.linear(x, weight), x.double() @ weight.double().T)

@@ -59,8 +59,9 @@ def _settings(spec, config: dict) -> dict:
     return {**spec.defaults, **config}
 
 def _accepted(function, settings: dict) -> dict:
-    "The settings that `function` takes as keyword arguments."
+    "The settings that `function` takes as keyword arguments (all of them if it takes `**settings`)."
     parameters = inspect.signature(function).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()): return dict(settings)
     return {k: v for k, v in settings.items() if k in parameters}
 
 def _check_calibration(calibration, spec):
@@ -94,7 +95,7 @@ def _check_layers(blocks, targets: dict, prefix: str, spec, settings: dict):
             except (TypeError, ValueError) as e: raise type(e)(f"{prefix}.{i}.{name}: {e}") from None
 
 # %% ../nbs/20_api.ipynb #ee0463f3
-_ERROR_TOKENS = 4096  # at most this many input rows per layer measure its output error
+_ERROR_TOKENS = 1024  # at most this many input rows per layer measure its output error
 
 def _set_module(root: nn.Module, name: str, module: nn.Module):
     "Put `module` at `name` inside `root`."
@@ -109,12 +110,13 @@ def _relative_error(reference: nn.Linear, layer: nn.Module, x: torch.Tensor) -> 
 
 def _row(name: str, spec, settings: dict, layer, seconds: float) -> dict:
     "One row of the report for a new layer."
-    stored = layer.weight().bits_per_weight * layer.in_features * layer.out_features / 8
+    stored = layer.bits_per_weight * layer.in_features * layer.out_features / 8
     return dict(layer=name, method=spec.name, settings=settings, bits_per_weight=layer.bits_per_weight,
                 weights=layer.in_features * layer.out_features, bytes=int(stored), seconds=seconds, error=None)
 
 # %% ../nbs/20_api.ipynb #22aca089
-def _quantize_block(block, inside: list[str], spec, settings: dict, full_name, rows: list, hidden=None, kwargs=None):
+def _quantize_block(block, inside: list[str], spec, settings: dict, full_name, rows: list, hidden=None, kwargs=None,
+                    groups=None):
     "Quantize the linears `inside` of `block` in place; given `hidden`, on the inputs they see. Return the block's output."
     quantize_settings = _accepted(spec.quantize, settings)
     def make(name, statistics, sample):
@@ -131,14 +133,14 @@ def _quantize_block(block, inside: list[str], spec, settings: dict, full_name, r
         for name in inside: make(name, None, None)
         return None
     handles = []
-    for group in linear_groups(block, hidden, kwargs):
+    for group in groups or linear_groups(block, hidden, kwargs):
         members = [n for n in group.names if n in inside]
         if not members: continue
         def before(module, args, members=members):  # just before the group's first layer runs: quantize the group
             x = args[0]
             for name in members: make(name, spec.collect(x) if spec.collect else x, x.reshape(-1, x.shape[-1])[:_ERROR_TOKENS])
-        def after(module, args, output, first=group.names[0]):  # and let the rest of the pass see its quantized output
-            return block.get_submodule(first)(args[0]) if first in members else output
+        def after(module, args, output, first=group.names[0], members=members):  # the rest of the pass sees the quantized output
+            return block.get_submodule(first)(args[0]) if first in members and spec.sequential else output
         first = block.get_submodule(group.names[0])
         handles += [first.register_forward_pre_hook(before), first.register_forward_hook(after)]
     try: return run_block(block, hidden, kwargs)
@@ -159,7 +161,7 @@ def quantize_model(model, # a decoder-only transformers model: changed in place,
     prefix, blocks = decoder_blocks(model)
     targets = _targets(model, prefix, blocks, names)
     _check_layers(blocks, targets, prefix, spec, settings)
-    start, rows, done = time.perf_counter(), [], {}
+    start, rows, done, structures = time.perf_counter(), [], {}, {}
     if calibration is not None: hidden, kwargs = block_inputs(model, calibration)
     for i in tqdm(range(max(targets, default=-1) + 1), desc=f'{method}, block by block', leave=False, disable=not progress):
         if i not in targets:
@@ -167,9 +169,12 @@ def quantize_model(model, # a decoder-only transformers model: changed in place,
             continue
         work, full_name = copy.deepcopy(blocks[i]), lambda name, i=i: f'{prefix}.{i}.{name}'  # the model is not touched yet
         if calibration is None: _quantize_block(work, targets[i], spec, settings, full_name, rows)
-        else:
-            if spec.prepare_block: spec.prepare_block(work, hidden, kwargs[i], **_accepted(spec.prepare_block, settings))
-            hidden = _quantize_block(work, targets[i], spec, settings, full_name, rows, hidden, kwargs[i])
+        else:  # blocks of one class share their structure: find which linears share an input once
+            key = (type(work), tuple(linear_names(work)))
+            if key not in structures: structures[key] = linear_groups(work, hidden, kwargs[i])
+            if spec.prepare_block:
+                spec.prepare_block(work, hidden, kwargs[i], **_accepted(spec.prepare_block, dict(settings, groups=structures[key])))
+            hidden = _quantize_block(work, targets[i], spec, settings, full_name, rows, hidden, kwargs[i], structures[key])
         done[i] = work
     for i, work in done.items(): blocks[i] = work  # every block succeeded: now the model changes
     return QuantReport(method, settings, rows, time.perf_counter() - start)

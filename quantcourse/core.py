@@ -472,8 +472,9 @@ class QuantizedLinear(nn.Module):
 
     @property
     def bits_per_weight(self) -> float:
-        "Every stored bit of the weight (codes, scales, zero-points, ...) per weight."
-        return self.weight().bits_per_weight
+        "Every stored bit of the weight per weight: the layer's own buffers, but its bias and its config record."
+        stored = sum(b.numel() * b.element_size() for n, b in self.named_buffers(recurse=False) if n not in ('bias', 'qconfig'))
+        return 8 * stored / (self.in_features * self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = f"the input of {type(self).__name__}"
@@ -523,14 +524,14 @@ class Method:
     collect: callable|None = None        # collect(inputs) -> the statistics of a group's inputs (None: the inputs)
     prepare_block: callable|None = None  # prepare_block(block, hidden, kwargs, **settings): change the float block first
     baseline: str|None = None   # a method whose error is measured beside this one's, on the same inputs (e.g. 'rtn')
+    sequential: bool = True     # calibrate each block on the quantized blocks' outputs (False: on the float model's)
     doc: str = ''
 
 METHODS: dict[str, Method] = {}
 
-def register_method(method: Method) -> Method:
+def register_method(method: Method):
     "Make `method` available to `quantize_model` under its name (a chapter's module calls this once)."
     METHODS[method.name] = method
-    return method
 
 def layer_classes() -> dict[str, type]:
     "The registered layer classes, by the `method` their configs name."

@@ -14,8 +14,8 @@ from .core import linear_names, check_tensor, Method, register_method
 from .scales import qrange, scale_zero, fake_quantize, QuantizedWeight, QuantLinear, check_bits, check_group_size
 
 # %% auto #0
-__all__ = ['Hessian', 'reconstruction_error', 'GPTQWeight', 'damped_inverse_cholesky', 'naive_gptq', 'gptq_quantize',
-           'GPTQLinear']
+__all__ = ['Hessian', 'reconstruction_error', 'GPTQWeight', 'ColumnGrid', 'damped_inverse_cholesky', 'naive_gptq',
+           'gptq_quantize', 'GPTQLinear']
 
 # %% ../nbs/04_gptq.ipynb #8e7794b1
 class Hessian:
@@ -87,7 +87,7 @@ class GPTQWeight:
                 for c, s, z, rows in zip(q.codes.split(sizes), q.scale.split(sizes), zeros, sizes)]
 
 # %% ../nbs/04_gptq.ipynb #193c7efc
-class _ColumnGrid:
+class ColumnGrid:
     "The grid each column is rounded to when GPTQ reaches it: per row, per group found on the fly, or static groups."
     def __init__(self, W, bits, group_size, symmetric, static_groups, perm):
         self.bits, self.symmetric, self.group_size, self.perm = bits, symmetric, group_size, perm
@@ -189,7 +189,7 @@ def naive_gptq(weight: torch.Tensor, # (out_features, in_features)
     W, H, perm = _prepare(weight, hessian, act_order)
     _, damping = damped_inverse_cholesky(H, percdamp, name)
     Hinv = torch.linalg.inv(H + damping * torch.eye(len(H), dtype=H.dtype, device=H.device))
-    grid = _ColumnGrid(W, bits, group_size, symmetric, static_groups, perm)
+    grid = ColumnGrid(W, bits, group_size, symmetric, static_groups, perm)
     codes = torch.empty(W.shape[1], W.shape[0], dtype=W.dtype, device=W.device)  # one row per column
     for c in range(W.shape[1]):
         q = grid.round(c, W.T[c:], codes[c])
@@ -216,7 +216,7 @@ def gptq_quantize(weight: torch.Tensor, # (out_features, in_features)
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     W, H, perm = _prepare(weight, hessian, act_order)
     U, damping = damped_inverse_cholesky(H, percdamp, name)
-    grid = _ColumnGrid(W, bits, group_size, symmetric, static_groups, perm)
+    grid = ColumnGrid(W, bits, group_size, symmetric, static_groups, perm)
     if grid.on_the_fly: block_size = max(group_size, block_size // group_size * group_size)  # whole groups per block
     Wt = W.T.contiguous()  # row c of Wt is column c of W
     codes, losses = torch.empty_like(Wt), torch.empty(len(Wt), dtype=Wt.dtype, device=Wt.device)

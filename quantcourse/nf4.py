@@ -264,8 +264,10 @@ def quantize_blockwise_8bit(values: torch.Tensor, # any shape, finite
     n = values.numel()
     blocks = to_blocks(values, blocksize)
     absmax = blocks.abs().amax(1)
-    inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
-    normalized = (blocks * inverse[:, None]).clamp(-1, 1)
+    inverse = 1.0 / absmax
+    finite = torch.isfinite(inverse)  # a zero or subnormal absmax has no finite reciprocal: divide those blocks instead
+    scaled = torch.where(finite[:, None], blocks * torch.where(finite, inverse, 0)[:, None], blocks / absmax.clamp(min=_TINY)[:, None])
+    normalized = scaled.clamp(-1, 1)
     grid_index = ((normalized + 1.0) * 0.5 * (_GRID - 1) + 0.5).to(torch.int32)  # nearest grid point
     codes = rounding_table(code)[grid_index].to(torch.uint8)
     codes[absmax == 0] = 0  # an all-zero block stores code 0 (bitsandbytes does the same)
@@ -285,6 +287,7 @@ def double_quantize(weight: Weight4bit) -> Weight4bit:
     "The same 4-bit weight with its float32 block scales replaced by 8-bit codes (QLoRA's double quantization)."
     if weight.double_quant: return weight
     offset = weight.absmax.mean()
+    if not torch.isfinite(offset): offset = weight.absmax.double().mean().float()  # the float32 sum overflowed
     codes, nested = quantize_blockwise_8bit(weight.absmax - offset, dynamic_code(weight.absmax.device), NESTED_BLOCKSIZE)
     return dataclasses.replace(weight, absmax=codes, nested_absmax=nested, offset=offset)
 

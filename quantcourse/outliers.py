@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 # %% auto #0
 __all__ = ['EXACT_BLOCK', 'GRANULARITIES', 'ChannelStats', 'input_stats', 'int8_matmul', 'quantize_activations', 'W8A8Linear',
            'int8_vectorwise_quant', 'RowwiseInt8Weight', 'LLMInt8Linear', 'smooth_scales', 'smooth_norm_linears',
-           'smooth_up_down', 'smooth_block', 'smooth_model']
+           'smooth_up_down', 'smoothing_inputs', 'smooth_block', 'smoothing_statistics', 'smooth_model']
 
 # %% ../nbs/03_outliers.ipynb #de3bd315
 @dataclass
@@ -240,7 +240,7 @@ def _llm_int8(linear: nn.Linear, statistics, threshold: float|None) -> LLMInt8Li
     return LLMInt8Linear.from_linear(linear, threshold)
 
 register_method(Method('llm_int8', LLMInt8Linear, dict(threshold=6.0), _llm_int8,
-                       doc="LLM.int8(): INT8 rows, and input columns holding |x| >= threshold in 16 bits"))
+                       doc="LLM.int8(): INT8 rows, and the input columns holding a value of magnitude >= threshold in 16 bits"))
 
 # %% ../nbs/03_outliers.ipynb #50ad0f94
 def _check_alpha(alpha):
@@ -301,40 +301,62 @@ def smooth_up_down(mlp: nn.Module, # a gated MLP with `up_proj` and `down_proj`
 
 # %% ../nbs/03_outliers.ipynb #925d4f6e
 @torch.no_grad()
-def smooth_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, # a decoder block, its calibration input and keywords
-                 alpha: float = 0.5, # migration strength, in [0, 1]
-                 down_proj: bool = False, # also smooth down_proj's input through up_proj (`smooth_up_down`)
-                ) -> dict[str, torch.Tensor]:
-    "Fold SmoothQuant's factors into every norm of `block` that feeds linear layers directly; return them by module."
-    _check_alpha(alpha)
-    groups = [g for g in linear_groups(block, hidden, kwargs) if g.source is not None]
+def smoothing_inputs(block: nn.Module, hidden: torch.Tensor, kwargs: dict, # a decoder block, its input and keywords
+                     down_proj: bool = False, # also measure the inputs of down_proj
+                     groups: list|None = None, # the block's `linear_groups`, if already found
+                    ) -> dict[str, tuple[list[str], torch.Tensor]]:
+    "For each norm of `block` feeding linears directly (and each down_proj): the linears, and max |x| per channel."
+    groups = [g for g in groups or linear_groups(block, hidden, kwargs)
+              if g.source is not None and getattr(block.get_submodule(g.source), 'weight', None) is not None]
+    if not groups: raise ValueError(f"no norm in {type(block).__name__} feeds linear layers directly: SmoothQuant has "
+                                    "nowhere to fold its factors (see `linear_groups`)")
     down = [n for n in linear_names(block) if n.endswith('down_proj')] if down_proj else []
     with capture_inputs(block, [g.names[0] for g in groups] + down, to_cpu=False) as seen: run_block(block, hidden, kwargs)
     absmax = lambda name: seen[name][0].reshape(-1, seen[name][0].shape[-1]).abs().amax(0).float()
-    factors = {g.source: smooth_norm_linears(block.get_submodule(g.source), [block.get_submodule(n) for n in g.names],
-                                             absmax(g.names[0]), alpha)
-               for g in groups if getattr(block.get_submodule(g.source), 'weight', None) is not None}
-    if not factors: raise ValueError(f"no norm in {type(block).__name__} feeds linear layers directly: SmoothQuant has "
-                                     "nowhere to fold its factors (see `linear_groups`)")
-    for name in down: factors[name.removesuffix('down_proj') + 'up_proj'] = smooth_up_down(
-        block.get_submodule(name.removesuffix('.down_proj')), absmax(name), alpha)
+    found = {g.source: (g.names, absmax(g.names[0])) for g in groups}
+    return found | {name.removesuffix('down_proj') + 'up_proj': ([name], absmax(name)) for name in down}
+
+@torch.no_grad()
+def smooth_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, # a decoder block, its input and keywords
+                 alpha: float = 0.5, # migration strength, in [0, 1]
+                 down_proj: bool = False, # also smooth down_proj's input through up_proj (`smooth_up_down`)
+                 inputs: dict|None = None, # `smoothing_inputs` of this block, if already measured
+                 groups: list|None = None, # the block's `linear_groups`, if already found
+                ) -> dict[str, torch.Tensor]:
+    "Fold SmoothQuant's factors into every norm of `block` that feeds linear layers directly; return them by module."
+    _check_alpha(alpha)
+    inputs = inputs or smoothing_inputs(block, hidden, kwargs, down_proj, groups)
+    factors = {}
+    for source, (names, absmax) in inputs.items():
+        if source.endswith('up_proj') and not down_proj: continue  # measured, but not asked for
+        if source.endswith('up_proj'): factors[source] = smooth_up_down(block.get_submodule(names[0].removesuffix('.down_proj')), absmax, alpha)
+        else: factors[source] = smooth_norm_linears(block.get_submodule(source), [block.get_submodule(n) for n in names], absmax, alpha)
     return factors
 
 @torch.no_grad()
+def smoothing_statistics(model, calibration: torch.Tensor, # (n_samples, seq_len) token ids
+                         down_proj: bool = False) -> list[dict]:
+    "`smoothing_inputs` of every block of the float model: measured once, they serve every α."
+    _, blocks = decoder_blocks(model)
+    hidden, kwargs = block_inputs(model, calibration)
+    statistics = []
+    for index, block in enumerate(blocks):
+        statistics.append(smoothing_inputs(block, hidden, kwargs[index], down_proj))
+        hidden = run_block(block, hidden, kwargs[index])
+    return statistics
+
+@torch.no_grad()
 def smooth_model(model, # a decoder-only transformers model (changed in place)
-                 calibration: torch.Tensor, # (n_samples, seq_len) token ids
+                 calibration: torch.Tensor|list, # (n_samples, seq_len) token ids, or their `smoothing_statistics`
                  alpha: float = 0.5, # migration strength, in [0, 1]
                  down_proj: bool = False, # also smooth down_proj's input through up_proj (`smooth_up_down`)
                 ) -> dict[str, torch.Tensor]:
-    "SmoothQuant every decoder block, block after block, on the calibration tokens; return the factors by module."
+    "SmoothQuant every decoder block from the float model's statistics; return the factors by module."
     _check_alpha(alpha)
     prefix, blocks = decoder_blocks(model)
-    hidden, kwargs = block_inputs(model, calibration)
-    factors = {}
-    for index, block in enumerate(blocks):
-        factors.update({f'{prefix}.{index}.{name}': f for name, f in smooth_block(block, hidden, kwargs[index], alpha, down_proj).items()})
-        hidden = run_block(block, hidden, kwargs[index])  # the float function is unchanged: the next block's input too
-    return factors
+    statistics = calibration if isinstance(calibration, list) else smoothing_statistics(model, calibration, down_proj)
+    return {f'{prefix}.{index}.{name}': f for index, (block, inputs) in enumerate(zip(blocks, statistics))
+            for name, f in smooth_block(block, None, None, alpha, down_proj, inputs).items()}
 
 # %% ../nbs/03_outliers.ipynb #732a2c67
 def _smoothquant(linear: nn.Linear, statistics, alpha: float, granularity: str, down_proj: bool) -> W8A8Linear:
@@ -342,5 +364,5 @@ def _smoothquant(linear: nn.Linear, statistics, alpha: float, granularity: str, 
     return W8A8Linear.from_linear(linear, granularity)
 
 register_method(Method('smoothquant', W8A8Linear, dict(alpha=0.5, granularity='token', down_proj=False), _smoothquant,
-                       needs_calibration=True, prepare_block=smooth_block,
+                       needs_calibration=True, prepare_block=smooth_block, sequential=False,
                        doc='SmoothQuant: per-channel factors folded into the norms (and up_proj), then W8A8'))

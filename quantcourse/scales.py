@@ -128,9 +128,16 @@ class QuantizedWeight:
         return stored
 
     @property
+    def nbytes(self) -> int:
+        "Bytes of `tensors()`: codes and zero-points packed `bits` to a value in runs of 8 (`pack`), float16 scales."
+        packed = lambda n: -(-n // 8) * self.bits
+        zero = 0 if self.zero is None else packed(self.zero.numel())
+        return packed(self.codes.numel()) + self.scale.numel() * self.scale.element_size() + zero
+
+    @property
     def bits_per_weight(self) -> float:
         "Every stored bit per weight: 8 x the bytes of `tensors()` / the number of weights."
-        return 8 * sum(t.numel() * t.element_size() for t in self.tensors().values()) / math.prod(self.shape)
+        return 8 * self.nbytes / math.prod(self.shape)
 
     def config(self) -> dict:
         "The settings that, with `tensors()`, rebuild this weight (`from_tensors`)."
@@ -174,6 +181,9 @@ def bits_per_weight(bits: int, # bits per code
                     out_features: int|None = None, # rows; needed only for 'tensor'
                    ) -> float:
     "Bits stored per weight, counting the codes and each group's scale and zero-point."
+    check_int(bits, 'bits', 1); check_int(in_features, 'in_features', 1); check_int(scale_bits, 'scale_bits', 0)
+    if zero_bits is not None: check_int(zero_bits, 'zero_bits', 0)
+    if group_size not in ('tensor', 'channel'): check_int(group_size, 'group_size', 1)
     if group_size == 'tensor':
         if out_features is None: raise ValueError("group_size='tensor' needs out_features to spread the scale over")
         group = in_features * out_features
@@ -359,8 +369,7 @@ def memory_estimate(arch: Arch|str, # an `Arch` or a key of `ARCHS`
         if arch not in ARCHS: raise ValueError(f"arch {arch!r} is unknown; use one of {list(ARCHS)} or an Arch")
         arch = ARCHS[arch]
     if fmt not in FORMATS: raise ValueError(f"fmt {fmt!r} is unknown; use one of {list(FORMATS)}")
-    for name, value in (('context', context), ('batch', batch)):
-        if not isinstance(value, int) or value < 1: raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_int(context, 'context', 1); check_int(batch, 'batch', 1); check_int(kv_bits, 'kv_bits', 1)
     bits = FORMATS[fmt]
     linear = sum(o * i * bits(kind, layer, i, arch) for layer in range(arch.layers) for kind, o, i in arch.linears()) / 8
     embedding = arch.vocab * arch.hidden * bits('embedding', None, arch.hidden, arch) / 8

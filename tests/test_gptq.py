@@ -4,8 +4,9 @@ import pytest, torch
 from hypothesis import given, settings, strategies as st
 from quantcourse.core import calibration_samples, eval_tokens, linear_names
 from quantcourse.scales import fake_quantize, quantize_codes, dequantize_codes, scale_zero
-from quantcourse.gptq import (Hessian, GPTQLinear, column_by_column, damped_inverse_cholesky, gptq_quantize, naive_gptq,
-                              quantize_model_gptq, reconstruction_error, save_quantized, load_quantized, _ColumnGrid)
+from quantcourse.gptq import (Hessian, GPTQLinear, damped_inverse_cholesky, gptq_quantize, naive_gptq,
+                              reconstruction_error, ColumnGrid)
+from quantcourse.api import quantize_model, save_quantized, load_quantized
 
 
 def random_layer(rows, cols, seed=0, tokens=None, dtype=torch.float64):
@@ -54,7 +55,7 @@ def test_fast_equals_naive_property(rows, groups, group_len, bits, symmetric, ac
 @pytest.mark.parametrize('bits', [2, 3, 4, 8])
 def test_column_rounding_is_chapter_02s(bits, symmetric):
     W = torch.randn(50, 16, generator=torch.Generator().manual_seed(bits)) * 2
-    grid, codes = _ColumnGrid(W, bits, 'channel', symmetric, False, None), torch.empty(16, 50)
+    grid, codes = ColumnGrid(W, bits, 'channel', symmetric, False, None), torch.empty(16, 50)
     scale, zero = scale_zero(W, bits, symmetric, scale_dtype=torch.float16)
     for c in range(16):
         q = grid.round(c, W.T[c:], codes[c])
@@ -83,10 +84,21 @@ def test_copied_pseudocode_is_worse(input_scale):
     W, H = random_layer(32, 64, seed=8, dtype=torch.float64)
     H = H * input_scale ** 2
     error = lambda Q: reconstruction_error(W, Q, H)
-    gptq = error(column_by_column(W, H))
-    assert gptq == pytest.approx(error(naive_gptq(W, H).dequantize(torch.float64)), rel=1e-9)  # the same algorithm
-    assert error(column_by_column(W, H, divide_twice=True, update_inverse=False)) > gptq
-    assert error(column_by_column(W, H, update_inverse=False)) > gptq
+    gptq = error(naive_gptq(W, H).dequantize(torch.float64))
+    assert error(copied_pseudocode(W, H)) > gptq
+
+
+def copied_pseudocode(weight, hessian, bits=4, percdamp=.01):
+    "The widely copied rendering: the inverse computed once and never updated, the update divided by [H^-1]_ii twice."
+    W, H = weight.clone(), hessian.clone()
+    Hinv = torch.linalg.inv(H + percdamp * H.diagonal().mean() * torch.eye(len(H), dtype=H.dtype))
+    scale, zero = scale_zero(W, bits, symmetric=False, scale_dtype=torch.float16)
+    for i in range(W.shape[1]):
+        q = dequantize_codes(quantize_codes(W[:, i:i+1], scale, zero, bits, False), scale, zero)[:, 0].to(W.dtype)
+        error = (W[:, i] - q) / Hinv[i, i]
+        W[:, i+1:] -= torch.outer(error, Hinv[i, i+1:]) / Hinv[i, i]
+        W[:, i] = q
+    return W
 
 
 def test_stacked_layers_equal_separate_layers():
@@ -146,8 +158,8 @@ def gptq_course_model(two_blocks, course_model):
     "Two blocks of the course model quantized by GPTQ (4 bits, groups of 64, activation order) on a little calibration text, and its report."
     quantized = copy.deepcopy(two_blocks)
     calibration = calibration_samples(course_model[1], 4, 128, seed=1)
-    report = quantize_model_gptq(quantized, calibration, 4, 64, act_order=True, errors=True, progress=False)
-    return quantized, report
+    report = quantize_model(quantized, 'gptq', calibration=calibration, bits=4, group_size=64, act_order=True, progress=False)
+    return quantized, report.rows
 
 
 def test_beats_rtn_on_every_layer_of_the_course_model(gptq_course_model, two_blocks):
@@ -162,19 +174,20 @@ def test_save_and_reload_bit_identical(gptq_course_model, two_blocks, course_mod
     quantized, _ = gptq_course_model
     model, tokenizer = two_blocks, course_model[1]
     path = save_quantized(quantized, tmp_path/'gptq.safetensors')
-    reloaded = load_quantized(copy.deepcopy(model), path)
+    reloaded = load_quantized(path, copy.deepcopy(model))
     ids = eval_tokens(tokenizer, 32)[None]
     with torch.no_grad(): assert torch.equal(reloaded(ids).logits, quantized(ids).logits)
     layer = reloaded.get_submodule('model.layers.1.mlp.down_proj')
     assert layer.perm is not None and layer.perm.dtype == torch.int16
-    with pytest.raises(ValueError, match='no GPTQLinear layers'): save_quantized(model, tmp_path/'none.safetensors')
+    with pytest.raises(ValueError, match='no quantized layers'): save_quantized(model, tmp_path/'none.safetensors')
 
 
 def test_model_level_bad_input(two_blocks, course_model):
     model, tokenizer = two_blocks, course_model[1]
     calibration = calibration_samples(tokenizer, 2, 8)
-    with pytest.raises(ValueError, match='calibration set is empty'): quantize_model_gptq(copy.deepcopy(model), calibration[:0])
-    with pytest.raises(TypeError, match='integer tensor of token ids'): quantize_model_gptq(copy.deepcopy(model), calibration.float())
-    with pytest.raises(ValueError, match='does not divide in_features=576'):
-        quantize_model_gptq(copy.deepcopy(model), calibration, 4, 100, progress=False)
-    with pytest.raises(ValueError, match='bits must be from 2 to 8'): quantize_model_gptq(copy.deepcopy(model), calibration, 9, progress=False)
+    gptq = lambda calibration, **settings: quantize_model(copy.deepcopy(model), 'gptq', calibration=calibration, progress=False, **settings)
+    with pytest.raises(ValueError, match='calibration set is empty'): gptq(calibration[:0])
+    with pytest.raises(TypeError, match='integer tensor of token ids'): gptq(calibration.float())
+    with pytest.raises(ValueError, match='does not divide in_features=576'): gptq(calibration, group_size=100)
+    with pytest.raises(ValueError, match='bits must be from 2 to 8'): gptq(calibration, bits=9)
+    with pytest.raises(ValueError, match='GPTQ needs the Hessian'): GPTQLinear.from_linear(torch.nn.Linear(64, 8))

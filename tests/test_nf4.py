@@ -8,8 +8,9 @@ from hypothesis import given, settings, strategies as st
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 from safetensors.torch import save_file, load_file
+from quantcourse.core import replace_linears
 from quantcourse.nf4 import (BLOCKSIZES, NESTED_BLOCKSIZE, NF4Linear, Weight4bit, double_quantize, dynamic_code, fp4_code,
-    nf4_code, nearest_level, pack_nibbles, quantize_4bit, quantize_blockwise_8bit, quantize_model_4bit, same_bits,
+    nf4_code, nearest_level, pack_nibbles, quantize_4bit, quantize_blockwise_8bit, same_bits,
     scale_bits_per_weight, unpack_nibbles)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -169,12 +170,12 @@ def test_safetensors_round_trip(double_quant):
     x = torch.randn(3, 100)
     with torch.no_grad(): assert same_bits(layer(x), fresh(x))
 
-def test_quantize_model_4bit():
+def test_nf4_layers_in_a_network():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32, bias=False))
     x = torch.randn(4, 64)
     with torch.no_grad(): before = net(x)
-    quantize_model_4bit(net, double_quant=True, names=['0', '2'])
+    replace_linears(net, lambda name, linear: NF4Linear.from_linear(linear, double_quant=True), ['0', '2'])
     assert isinstance(net[0], NF4Linear) and isinstance(net[2], NF4Linear) and net[2].bias is None
     with torch.no_grad(): after = net(x)
     assert (after - before).norm() / before.norm() < 0.15

@@ -6,9 +6,9 @@ from hypothesis import given, settings, strategies as st
 import bitsandbytes as bnb
 from safetensors.torch import save, load
 from quantcourse.core import linear_names
-from quantcourse.outliers import (ChannelStats, input_stats, int8_matmul, quantize_activations, W8A8Linear, quantize_model_w8a8,
-    int8_vectorwise_quant, LLMInt8Linear, quantize_model_llm_int8, smooth_scales, smooth_norm_linears, smooth_model,
-    quantize_model_smoothquant)
+from quantcourse.outliers import (ChannelStats, input_stats, int8_matmul, quantize_activations, W8A8Linear,
+    int8_vectorwise_quant, LLMInt8Linear, smooth_scales, smooth_norm_linears, smooth_model)
+from quantcourse.api import quantize_model
 
 logging.getLogger('bitsandbytes').setLevel(logging.ERROR)
 
@@ -85,7 +85,7 @@ def test_llm_int8_layer_matches_linear8bitlt(threshold, dtype):
     torch.testing.assert_close(y_ours, y_theirs, atol=0.03, rtol=1e-5)  # bitsandbytes' own tolerance for this layer
     if dtype == torch.float32:  # tighter: only bitsandbytes' rescaling constant (6.200124e-05 vs 1/127**2) differs
         assert ((y_ours - y_theirs).abs().max() / y_theirs.abs().max()).item() < 1e-4
-    if threshold: assert ours.columns_in_16bit == [len(theirs.state.idx)] == [3]
+    if threshold: assert (ours.calls, ours.columns_in_16bit) == (1, len(theirs.state.idx)) == (1, 3)
 
 
 def test_llm_int8_3d_input_and_decomposition_helps():
@@ -124,7 +124,7 @@ def test_w8a8_equals_fake_quant_reference(granularity):
     x = activations(3 * 17, 96, 4).view(3, 17, 96)
     layer = W8A8Linear.from_linear(linear, granularity)
     codes, scale = quantize_activations(x, granularity)
-    reference = (codes.double() * scale.double()) @ layer.quantized().dequantize(torch.float64).T + linear.bias.double()
+    reference = (codes.double() * scale.double()) @ layer.weight().dequantize(torch.float64).T + linear.bias.double()
     out = layer(x)
     assert out.shape == (3, 17, 40)
     torch.testing.assert_close(out.reshape(-1, 40).double(), reference, rtol=1e-5, atol=1e-5)
@@ -147,7 +147,7 @@ def test_w8a8_state_dict_round_trip():
     restored.load_state_dict(load(save(layer.state_dict())))
     x = torch.randn(5, 64)
     assert torch.equal(restored(x), layer(x))
-    assert layer.quantized().bits_per_weight == layer.bits_per_weight == 8 + 16 / 64
+    assert layer.weight().bits_per_weight == layer.bits_per_weight == 8 + 16 / 64
     assert LLMInt8Linear(64, 24).bits_per_weight == 8 + 32 / 64
 
 
@@ -182,9 +182,8 @@ def test_smooth_scales_balance(seed, alpha):
 def test_smoothing_keeps_the_function(down_proj):
     model = tiny_llama()
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
-    stats = input_stats(model, ids, progress=False)
     smoothed = copy.deepcopy(model)
-    factors = smooth_model(smoothed, stats, alpha=0.5, down_proj=down_proj)
+    factors = smooth_model(smoothed, ids, alpha=0.5, down_proj=down_proj)
     assert len(factors) == (6 if down_proj else 4)
     with torch.no_grad(): torch.testing.assert_close(smoothed(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
     # the smoothed attention input's channel maxima equal the smoothed weights' column maxima
@@ -214,14 +213,15 @@ def test_up_proj_codes_absorb_the_down_proj_fold():
 def test_smoothquant_model_runs_and_stays_close():
     model = tiny_llama()
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
-    stats = input_stats(model, ids, progress=False)
     with torch.no_grad():
         reference = model(ids).logits
         for granularity in ('token', 'tensor'):
-            quantized = quantize_model_smoothquant(copy.deepcopy(model), stats, 0.5, granularity, down_proj=True)
+            quantized = copy.deepcopy(model)
+            quantize_model(quantized, 'smoothquant', calibration=ids, alpha=0.5, granularity=granularity, down_proj=True, progress=False)
             assert sum(isinstance(m, W8A8Linear) for m in quantized.modules()) == 14
             assert ((quantized(ids).logits - reference).norm() / reference.norm()).item() < 0.05
-        int8 = quantize_model_llm_int8(copy.deepcopy(model), 6.0)
+        int8 = copy.deepcopy(model)
+        quantize_model(int8, 'llm_int8', threshold=6.0, progress=False)
         assert ((int8(ids).logits - reference).norm() / reference.norm()).item() < 0.05
 
 
@@ -232,7 +232,7 @@ def test_threshold_must_be_positive(threshold):
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match='threshold must be > 0'): int8_vectorwise_quant(x, threshold)
     with pytest.raises(ValueError, match='threshold=None'): LLMInt8Linear(8, 4, threshold=threshold)
-    with pytest.raises(ValueError, match='threshold must be > 0'): quantize_model_llm_int8(nn.Sequential(nn.Linear(8, 4)), threshold)
+    with pytest.raises(ValueError, match='threshold must be > 0'): quantize_model(tiny_llama(), 'llm_int8', threshold=threshold)
     with pytest.raises(ValueError, match='threshold must be > 0'): input_stats(tiny_llama(), torch.zeros(1, 4, dtype=torch.long), threshold=threshold)
 
 
@@ -245,7 +245,7 @@ def test_threshold_type():
 def test_alpha_must_lie_in_unit_interval(alpha):
     with pytest.raises(ValueError, match=r'alpha must lie in \[0, 1\]'): smooth_scales(torch.ones(4), torch.ones(4), alpha)
     model = tiny_llama()
-    with pytest.raises(ValueError, match=r'alpha must lie in \[0, 1\]'): smooth_model(model, {}, alpha)
+    with pytest.raises(ValueError, match=r'alpha must lie in \[0, 1\]'): smooth_model(model, torch.zeros(1, 4, dtype=torch.long), alpha)
 
 
 def test_alpha_type():
@@ -278,7 +278,31 @@ def test_other_bad_input():
         int8_matmul(torch.zeros(2, 3, dtype=torch.int8), torch.zeros(2, 4, dtype=torch.int8))
     with pytest.raises(ValueError, match='must be a \\(rows, columns\\) matrix'): int8_vectorwise_quant(torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match='must both be'): smooth_scales(torch.ones(3), torch.ones(4))
-    with pytest.raises(ValueError, match='no Llama-style decoder blocks'): smooth_model(nn.Sequential(nn.Linear(4, 4)), {}, 0.5)
-    norm = nn.LayerNorm(8)
-    with pytest.raises(ValueError, match='has a bias'): smooth_norm_linears(norm, [nn.Linear(8, 4)], torch.ones(8))
+    with pytest.raises(ValueError, match='no list of repeated blocks'): smooth_model(nn.Sequential(nn.Linear(4, 4)), torch.zeros(1, 4, dtype=torch.long), 0.5)
     with pytest.raises(ValueError, match='must agree'): smooth_norm_linears(nn.LayerNorm(8, bias=False), [nn.Linear(6, 4)], torch.ones(8))
+
+
+def test_layernorm_with_bias_folds_exactly():
+    "A LayerNorm's bias is divided by the factors too, so the function is unchanged."
+    torch.manual_seed(0)
+    norm, linear = nn.LayerNorm(8), nn.Linear(8, 4)
+    with torch.no_grad(): norm.weight.uniform_(0.5, 2); norm.bias.normal_()
+    x = torch.randn(5, 8) * 3
+    with torch.no_grad():
+        before = linear(norm(x))
+        smooth_norm_linears(norm, [linear], norm(x).abs().amax(0), alpha=0.5)
+        torch.testing.assert_close(linear(norm(x)), before, rtol=1e-5, atol=1e-5)
+
+
+def test_statistics_measured_once_serve_every_alpha():
+    "Statistics measured with down_proj=True smooth only the norms unless down_proj=True is asked for again."
+    from quantcourse.outliers import smoothing_statistics
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))
+    statistics = smoothing_statistics(model, ids, down_proj=True)
+    norms_only, both = copy.deepcopy(model), copy.deepcopy(model)
+    assert len(smooth_model(norms_only, statistics, alpha=0.5)) == 4 and len(smooth_model(both, statistics, alpha=0.5, down_proj=True)) == 6
+    assert torch.equal(norms_only.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+    direct = copy.deepcopy(model)
+    smooth_model(direct, ids, alpha=0.5)
+    torch.testing.assert_close(direct.model.layers[1].input_layernorm.weight, norms_only.model.layers[1].input_layernorm.weight)

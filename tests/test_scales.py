@@ -8,7 +8,7 @@ from hypothesis.extra import numpy as hnp
 from safetensors.torch import save_file, load_file
 from quantcourse.core import model_size_bytes
 from quantcourse.scales import (qrange, scale_zero, quantize_codes, dequantize_codes, QuantizedWeight, quantize_weight,
-    fake_quantize, pack, unpack, bits_per_weight, QuantLinear, quantize_model_rtn, Arch, ARCHS, FORMATS,
+    fake_quantize, pack, unpack, bits_per_weight, QuantLinear, Arch, ARCHS, FORMATS,
     arch_from_config, memory_estimate, NF4_DQ_BITS, q4_k_m_type)
 
 BITS = st.integers(2, 8)
@@ -169,13 +169,8 @@ def test_quantlinear_matches_fake_quantized_linear_and_round_trips_safetensors(t
         again.load_state_dict(load_file(tmp_path/'layer.safetensors'))
         assert torch.equal(again(x), layer(x))
         stored = 8 * (model_size_bytes(layer) - 10 * 4)   # minus the float32 bias
-        assert abs(stored / linear.weight.numel() - layer.quantized().bits_per_weight) < 0.1
+        assert abs(stored / linear.weight.numel() - layer.weight().bits_per_weight) < 0.1
 
-def test_quantize_model_rtn_replaces_chosen_linears():
-    net = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
-    quantize_model_rtn(net, 4, 16, False, names=['0'])
-    assert isinstance(net[0], QuantLinear) and isinstance(net[2], nn.Linear)
-    assert net(torch.randn(2, 32)).shape == (2, 8)
 
 # --- bad input ---------------------------------------------------------------------------------------
 
@@ -251,7 +246,10 @@ def test_formats_bits():
 def test_memory_bad_input():
     with pytest.raises(ValueError, match="fmt 'INT3' is unknown"): memory_estimate('Llama-3 8B', 'INT3', 10)
     with pytest.raises(ValueError, match="arch 'GPT-5' is unknown"): memory_estimate('GPT-5', 'FP16', 10)
-    with pytest.raises(ValueError, match='context must be a positive int'): memory_estimate('Llama-3 8B', 'FP16', 0)
+    with pytest.raises(ValueError, match='context must be >= 1'): memory_estimate('Llama-3 8B', 'FP16', 0)
+    with pytest.raises(TypeError, match='batch must be an int'): memory_estimate('Llama-3 8B', 'FP16', 512, batch=True)
+    with pytest.raises(TypeError, match='group_size must be an int'): bits_per_weight(4, 64.0, 576)
+    with pytest.raises(ValueError, match='in_features must be >= 1'): bits_per_weight(4, 'channel', 0)
 
 def test_arch_from_course_config(course_model):
     model, _ = course_model
