@@ -302,7 +302,8 @@ def test_statistics_measured_once_serve_every_alpha():
     statistics = smoothing_statistics(model, ids, down_proj=True)
     norms_only, both = copy.deepcopy(model), copy.deepcopy(model)
     assert len(smooth_model(norms_only, statistics, alpha=0.5)) == 4 and len(smooth_model(both, statistics, alpha=0.5, down_proj=True)) == 6
-    assert torch.equal(norms_only.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(norms_only.model.layers[0].mlp.down_proj.weight, model.model.layers[0].mlp.down_proj.weight)
+    assert not torch.equal(both.model.layers[0].mlp.down_proj.weight, model.model.layers[0].mlp.down_proj.weight)
     direct = copy.deepcopy(model)
     smooth_model(direct, ids, alpha=0.5)
     torch.testing.assert_close(direct.model.layers[1].input_layernorm.weight, norms_only.model.layers[1].input_layernorm.weight)
