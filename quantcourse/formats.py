@@ -25,32 +25,40 @@ class FloatFormat:
     exponent_bits: int
     mantissa_bits: int
     bias: int
-    specials: str = 'ieee'    # 'ieee': top exponent is inf/NaN; 'fn': only S.1..1.1..1 is NaN; 'none': all codes finite
-    overflow: str = 'inf'     # what encoding does beyond the largest value: 'inf', 'saturate' or 'nan'
-    torch_dtype: torch.dtype|None = None  # the torch dtype with this layout, if torch can cast to it
+    # 'ieee': top exponent is inf/NaN; 'fn': only S.1..1.1..1 is NaN; 'none': all codes finite
+    specials: str = 'ieee'
+    # what encoding does beyond the largest value: 'inf', 'saturate' or 'nan'
+    overflow: str = 'inf'
+    # the torch dtype with this layout, if torch can cast to it
+    torch_dtype: torch.dtype|None = None
 
     @property
     def bits(self) -> int: return 1 + self.exponent_bits + self.mantissa_bits
     @property
-    def min_exponent(self) -> int: return 1 - self.bias  # exponent of the smallest normal (and of the subnormals)
+    # exponent of the smallest normal (and of the subnormals)
+    def min_exponent(self) -> int: return 1 - self.bias
     @property
     def max_code(self) -> int:
         "The largest code of a finite positive value."
-        top = (1 << (self.exponent_bits + self.mantissa_bits)) - 1   # sign clear, all other bits set
+        # sign clear, all other bits set
+        top = (1 << (self.exponent_bits + self.mantissa_bits)) - 1
         return {'ieee': top - (1 << self.mantissa_bits), 'fn': top - 1, 'none': top}[self.specials]
     @property
     def inf_code(self) -> int|None: return self.max_code + 1 if self.specials == 'ieee' else None
     @property
     def nan_code(self) -> int|None:
         "The NaN the encoder writes (a quiet NaN for IEEE formats), None if the format has none."
-        return {'ieee': self.max_code + 1 + (1 << (self.mantissa_bits - 1)), 'fn': self.max_code + 1, 'none': None}[self.specials]
+        return {'ieee': self.max_code + 1 + (1 << (self.mantissa_bits - 1)),
+                'fn': self.max_code + 1, 'none': None}[self.specials]
 
 # %% ../nbs/01_formats.ipynb #02fcab9b
 FP32 = FloatFormat('FP32', 8, 23, bias=127, torch_dtype=torch.float32)
-TF32 = FloatFormat('TF32', 8, 10, bias=127)  # a tensor-core input format: stored in 32 bits, 13 of them ignored
+# a tensor-core input format: stored in 32 bits, 13 of them ignored
+TF32 = FloatFormat('TF32', 8, 10, bias=127)
 BF16 = FloatFormat('BF16', 8, 7, bias=127, torch_dtype=torch.bfloat16)
 FP16 = FloatFormat('FP16', 5, 10, bias=15, torch_dtype=torch.float16)
-FP8_E4M3 = FloatFormat('FP8 E4M3', 4, 3, bias=7, specials='fn', overflow='saturate', torch_dtype=torch.float8_e4m3fn)
+FP8_E4M3 = FloatFormat('FP8 E4M3', 4, 3, bias=7, specials='fn', overflow='saturate',
+                       torch_dtype=torch.float8_e4m3fn)
 FP8_E5M2 = FloatFormat('FP8 E5M2', 5, 2, bias=15, torch_dtype=torch.float8_e5m2)
 FP4_E2M1 = FloatFormat('FP4 E2M1', 2, 1, bias=1, specials='none', overflow='saturate')
 FLOAT_FORMATS = [FP32, TF32, BF16, FP16, FP8_E4M3, FP8_E5M2, FP4_E2M1]
@@ -76,12 +84,15 @@ FORMATS = FLOAT_FORMATS + INT_FORMATS
 # %% ../nbs/01_formats.ipynb #5d92bc95
 def _check_codes(codes, fmt) -> torch.Tensor:
     "Validate that `codes` is an integer tensor of bit patterns that exist in `fmt`; return them as int64."
-    if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-        raise TypeError(f"codes must be an integer tensor of bit patterns, got {getattr(codes, 'dtype', type(codes).__name__)}")
+    if (not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.is_complex()
+        or codes.dtype == torch.bool):
+        raise TypeError("codes must be an integer tensor of bit patterns, got "
+                        f"{getattr(codes, 'dtype', type(codes).__name__)}")
     codes = codes.long()
     if codes.numel() and (codes.min() < 0 or codes.max() >= 1 << fmt.bits):
-        raise ValueError(f"codes must lie in [0, {(1 << fmt.bits) - 1}] for {fmt.name} ({fmt.bits} bits); "
-                         f"got values in [{codes.min().item()}, {codes.max().item()}]")
+        raise ValueError(f"codes must lie in [0, {(1 << fmt.bits) - 1}] for {fmt.name} "
+                         f"({fmt.bits} bits); got values in [{codes.min().item()}, "
+                         f"{codes.max().item()}]")
     return codes
 
 # %% ../nbs/01_formats.ipynb #9c7929bc
@@ -95,7 +106,8 @@ def decode(codes: torch.Tensor, # integer tensor of bit patterns, each in [0, 2*
     field = magnitude >> M
     significand = (magnitude & ((1 << M) - 1)) + torch.where(field > 0, 1 << M, 0)
     value = significand.double() * torch.exp2((field.clamp(min=1) - fmt.bias - M).double())
-    special = torch.where(magnitude == fmt.inf_code, math.inf, math.nan) if fmt.inf_code else math.nan
+    special = torch.where(magnitude == fmt.inf_code, math.inf,
+                          math.nan) if fmt.inf_code else math.nan
     value = torch.where(magnitude > fmt.max_code, special, value)
     return torch.where(codes >> (fmt.bits - 1) == 1, -value, value)
 
@@ -112,7 +124,9 @@ _STORAGE = {8: torch.uint8, 16: torch.int16, 32: torch.int32}
 def torch_decode(codes: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     "Reference decoder: reinterpret `codes` as `fmt.torch_dtype` and let torch convert them to float64."
     codes = _check_codes(codes, fmt)
-    if fmt.bits > 8: codes = torch.where(codes >> (fmt.bits - 1) == 1, codes - (1 << fmt.bits), codes)  # as signed storage
+    # as signed storage
+    if fmt.bits > 8:
+        codes = torch.where(codes >> (fmt.bits - 1) == 1, codes - (1 << fmt.bits), codes)
     return codes.to(_STORAGE[fmt.bits]).view(fmt.torch_dtype).double()
 
 def same_values(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -122,7 +136,8 @@ def same_values(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/01_formats.ipynb #61c66095
 def _magnitude_codes(a: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     "Codes of the values nearest to the finite magnitudes `a` (float64), ties to even; may exceed `fmt.max_code`."
-    exponent = torch.where(a > 0, torch.frexp(a).exponent.long() - 1, fmt.min_exponent).clamp(min=fmt.min_exponent)
+    exponent = torch.where(a > 0, torch.frexp(a).exponent.long() - 1,
+                           fmt.min_exponent).clamp(min=fmt.min_exponent)
     significand = torch.round(a * torch.exp2((fmt.mantissa_bits - exponent).double())).long()
     return ((exponent - fmt.min_exponent) << fmt.mantissa_bits) + significand
 
@@ -131,7 +146,8 @@ def _check_floating(x, name: str = 'x'):
     "Raise a TypeError unless `x` is a floating-point tensor."
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-        raise TypeError(f"{name} must be a floating-point tensor, got {got}; convert it first, e.g. torch.as_tensor({name}, dtype=torch.float32)")
+        raise TypeError(f"{name} must be a floating-point tensor, got {got}; convert it first, "
+                        f"e.g. torch.as_tensor({name}, dtype=torch.float32)")
 
 # %% ../nbs/01_formats.ipynb #06d6ee9e
 def _overflow_code(fmt: FloatFormat, overflow: str) -> int:
@@ -145,7 +161,8 @@ def _overflow_code(fmt: FloatFormat, overflow: str) -> int:
 # %% ../nbs/01_formats.ipynb #def0a17b
 def encode(x: torch.Tensor, # floating-point tensor of values to encode
            fmt, # a `FloatFormat` (or an `IntFormat`)
-           overflow: str|None = None, # 'inf', 'saturate' or 'nan' beyond the largest value; None: `fmt.overflow`
+           # 'inf', 'saturate' or 'nan' beyond the largest value; None: `fmt.overflow`
+           overflow: str|None = None,
           ) -> torch.Tensor:
     "The bit pattern of `fmt` nearest to each value of `x` (round to nearest, ties to even), as int64 codes."
     _check_floating(x)
@@ -154,7 +171,8 @@ def encode(x: torch.Tensor, # floating-point tensor of values to encode
     codes = _magnitude_codes(torch.where(a.isfinite(), a, 0.0), fmt)
     codes = torch.where((codes > fmt.max_code) | a.isinf(), top, codes)
     if x.isnan().any():
-        if fmt.nan_code is None: raise ValueError(f"x holds NaN, which {fmt.name} cannot represent (it has no NaN code)")
+        if fmt.nan_code is None:
+            raise ValueError(f"x holds NaN, which {fmt.name} cannot represent (it has no NaN code)")
         codes = torch.where(x.isnan(), fmt.nan_code, codes)
     return codes | (x.signbit().long() << (fmt.bits - 1))
 
@@ -182,11 +200,17 @@ def stress_inputs(fmt: FloatFormat, n: int = 100_000, seed: int = 0) -> torch.Te
     below, above = decode(low, fmt), decode(low + 1, fmt)
     largest, second = decode(torch.tensor([fmt.max_code, fmt.max_code - 1]), fmt).tolist()
     parts = [(below + above) / 2,                                   # exact ties
-             below + (above - below) * uniform(),                   # anywhere between two neighbours
+             # anywhere between two neighbours
+             below + (above - below) * uniform(),
              largest * 16 ** uniform(),                             # beyond the largest value
-             2.0 ** fmt.min_exponent * 2 ** (-fmt.mantissa_bits - 3 + (fmt.mantissa_bits + 3) * uniform()),  # subnormal range
-             torch.randint(0, 1 << 32, (n,), generator=g).to(torch.int32).view(torch.float32).double(),  # any float32
-             torch.tensor([0., math.inf, largest, largest + (largest - second) / 2])]  # the tie just above the largest
+             # subnormal range
+             2.0 ** fmt.min_exponent
+             * 2 ** (-fmt.mantissa_bits - 3 + (fmt.mantissa_bits + 3) * uniform()),
+             # any float32
+             torch.randint(0, 1 << 32, (n,),
+                           generator=g).to(torch.int32).view(torch.float32).double(),
+             # the tie just above the largest
+             torch.tensor([0., math.inf, largest, largest + (largest - second) / 2])]
     x = torch.cat(parts).float()
     x = x[~x.isnan()]
     return torch.where(torch.rand(x.shape, generator=g) < 0.5, -x, x)
@@ -194,9 +218,12 @@ def stress_inputs(fmt: FloatFormat, n: int = 100_000, seed: int = 0) -> torch.Te
 # %% ../nbs/01_formats.ipynb #c231fe86
 def is_tie(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     "True where `x` lies exactly halfway between two neighbouring values of `fmt` (or half a step above its largest)."
-    finer = FloatFormat('finer', fmt.exponent_bits, fmt.mantissa_bits + 1, fmt.bias, specials='none', overflow='saturate')
-    x, top_tie = x.double(), decode(torch.tensor([2 * fmt.max_code + 1]), finer)  # finer code 2c is fmt's code c
-    return (round_to(x, finer) == x) & (round_to(x, fmt, overflow='saturate') != x) & (x.abs() <= top_tie)
+    finer = FloatFormat('finer', fmt.exponent_bits, fmt.mantissa_bits + 1, fmt.bias,
+                        specials='none', overflow='saturate')
+    # finer code 2c is fmt's code c
+    x, top_tie = x.double(), decode(torch.tensor([2 * fmt.max_code + 1]), finer)
+    return (round_to(x, finer)
+            == x) & (round_to(x, fmt, overflow='saturate') != x) & (x.abs() <= top_tie)
 
 # %% ../nbs/01_formats.ipynb #9e60eea4
 def torch_encode(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
@@ -209,17 +236,24 @@ def format_summary(formats: list|None = None) -> pd.DataFrame:
     rows = []
     for fmt in formats or FORMATS:
         if isinstance(fmt, IntFormat):
-            rows.append({'format': fmt.name, 'bits': fmt.bits, 'sign|exponent|mantissa': "two's complement",
-                         'largest': fmt.max_value, 'most negative': fmt.min_value, 'smallest normal': 1.0, 'top codes': 'all finite',
+            rows.append({'format': fmt.name, 'bits': fmt.bits,
+                         'sign|exponent|mantissa': "two's complement",
+                         'largest': fmt.max_value, 'most negative': fmt.min_value,
+                         'smallest normal': 1.0, 'top codes': 'all finite',
                          'beyond the largest': 'saturates'})
             continue
         value = lambda code: decode(torch.tensor([code]), fmt).item()
-        rows.append({'format': fmt.name, 'bits': fmt.bits, 'sign|exponent|mantissa': f"1|{fmt.exponent_bits}|{fmt.mantissa_bits}",
-                     'bias': fmt.bias, 'largest': value(fmt.max_code), 'most negative': -value(fmt.max_code),
-                     'smallest normal': value(1 << fmt.mantissa_bits), 'smallest subnormal': value(1),
+        rows.append({'format': fmt.name, 'bits': fmt.bits,
+                     'sign|exponent|mantissa': f"1|{fmt.exponent_bits}|{fmt.mantissa_bits}",
+                     'bias': fmt.bias, 'largest': value(fmt.max_code),
+                     'most negative': -value(fmt.max_code),
+                     'smallest normal': value(1 << fmt.mantissa_bits),
+                     'smallest subnormal': value(1),
                      'decimal digits': round((fmt.mantissa_bits + 1) * math.log10(2), 2),
-                     'top codes': {'ieee': 'inf and NaN', 'fn': 'NaN only (S.1111.111)', 'none': 'all finite'}[fmt.specials],
-                     'beyond the largest': {'inf': '-> inf', 'saturate': 'saturates', 'nan': '-> NaN'}[fmt.overflow]})
+                     'top codes': {'ieee': 'inf and NaN', 'fn': 'NaN only (S.1111.111)',
+                                   'none': 'all finite'}[fmt.specials],
+                     'beyond the largest': {'inf': '-> inf', 'saturate': 'saturates',
+                                            'nan': '-> NaN'}[fmt.overflow]})
     return pd.DataFrame(rows).set_index('format').astype({'bias': 'Int64'})
 
 # %% ../nbs/01_formats.ipynb #30beb1ec
@@ -245,8 +279,10 @@ def format_table(x: float, # the number to look at
         code = encode(torch.tensor([x], dtype=torch.float64), fmt)
         value = decode(code, fmt).item()
         error = abs(value - x)
-        rows.append({'format': fmt.name, 'bits': bit_string(code.item(), fmt), 'value': value, 'absolute error': error,
-                     'relative error': error / abs(x) if x != 0 else (0.0 if error == 0 else math.inf)})
+        rows.append({'format': fmt.name, 'bits': bit_string(code.item(), fmt), 'value': value,
+                     'absolute error': error,
+                     'relative error': error / abs(x) if x != 0
+                     else (0.0 if error == 0 else math.inf)})
     return pd.DataFrame(rows).set_index('format')
 
 # %% ../nbs/01_formats.ipynb #561b2535
@@ -254,7 +290,8 @@ def show_format_table(x: float, formats: list|None = None) -> pd.DataFrame:
     "`format_table(x)` as text for reading: values to 10 significant digits, errors to 3."
     table = format_table(x, formats)
     table['value'] = table['value'].map('{:.10g}'.format)
-    for column in ['absolute error', 'relative error']: table[column] = table[column].map('{:.3g}'.format)
+    for column in ['absolute error', 'relative error']:
+        table[column] = table[column].map('{:.3g}'.format)
     return table.rename_axis(f"x = {x!r}")
 
 # %% ../nbs/01_formats.ipynb #46f2e23b

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from .core import linear_names, check_tensor, Method, register_method
-from .scales import qrange, scale_zero, fake_quantize, QuantizedWeight, QuantLinear, check_bits, check_group_size
+from .scales import (qrange, scale_zero, fake_quantize, QuantizedWeight, QuantLinear,
+                                check_bits, check_group_size)
 
 # %% auto #0
 __all__ = ['Hessian', 'reconstruction_error', 'GPTQWeight', 'ColumnGrid', 'damped_inverse_cholesky', 'naive_gptq',
@@ -29,17 +30,21 @@ class Hessian:
            ) -> Hessian:
         "Add a batch of inputs; return self."
         if inputs.shape[-1] != self.in_features:
-            raise ValueError(f"calibration inputs have width {inputs.shape[-1]} but the layer has in_features="
-                             f"{self.in_features}; pass the inputs of this very layer")
+            raise ValueError(f"calibration inputs have width {inputs.shape[-1]} but the layer has "
+                             f"in_features={self.in_features}; pass the inputs of this very layer")
         x = inputs.reshape(-1, self.in_features).to(self.sum)
         self.sum.addmm_(x.T, x); self.n += len(x)
-        if not torch.isfinite(self.sum.diagonal()).all():  # a NaN or Inf input (or an overflow) reaches the diagonal
-            raise ValueError("calibration inputs hold NaN or Inf values (or values so large that their squares overflow)")
+        # a NaN or Inf input (or an overflow) reaches the diagonal
+        if not torch.isfinite(self.sum.diagonal()).all():
+            raise ValueError("calibration inputs hold NaN or Inf values (or values so large that "
+                             "their squares overflow)")
         return self
 
     def value(self) -> torch.Tensor:
         "The Hessian `2 X X^T / n` of the layer's mean squared output error."
-        if self.n == 0: raise ValueError("the calibration set is empty: add the inputs of at least one token first")
+        if self.n == 0:
+            raise ValueError("the calibration set is empty: add the inputs of at least one token "
+                             "first")
         return 2 * self.sum / self.n
 
 # %% ../nbs/04_gptq.ipynb #07dc6c44
@@ -56,7 +61,8 @@ def reconstruction_error(weight: torch.Tensor, # the original weight, (out_featu
 class GPTQWeight:
     "A `QuantizedWeight` plus the column order it is stored in (needed for activation order with groups found on the fly)."
     quantized: QuantizedWeight  # codes and scales; columns in stored order
-    perm: torch.Tensor|None     # stored column j is original column perm[j]; None: the original order
+    # stored column j is original column perm[j]; None: the original order
+    perm: torch.Tensor|None
     damping: float = 0.         # what was added to the Hessian's diagonal
     losses: torch.Tensor|None = None  # error added by each column, in the order GPTQ visited them
 
@@ -75,7 +81,8 @@ class GPTQWeight:
     @property
     def bits_per_weight(self) -> float:
         "Every stored bit per weight: codes, scales, zero-points and (when permuted) a 16-bit index per column."
-        return 8 * sum(t.numel() * t.element_size() for t in self.tensors().values()) / math.prod(self.quantized.shape)
+        return 8 * sum(t.numel() * t.element_size()
+                       for t in self.tensors().values()) / math.prod(self.quantized.shape)
 
     def config(self) -> dict: return dict(self.quantized.config(), permuted=self.perm is not None)
 
@@ -83,7 +90,8 @@ class GPTQWeight:
         "Cut into weights of `sizes` rows each (layers that were quantized as one stacked matrix)."
         q, n = self.quantized, len(sizes)
         zeros = [None] * n if q.zero is None else q.zero.split(sizes)
-        return [GPTQWeight(QuantizedWeight(c, s, z, q.bits, q.group_size, q.symmetric, (rows, q.shape[1])), self.perm, self.damping)
+        return [GPTQWeight(QuantizedWeight(c, s, z, q.bits, q.group_size, q.symmetric,
+                                           (rows, q.shape[1])), self.perm, self.damping)
                 for c, s, z, rows in zip(q.codes.split(sizes), q.scale.split(sizes), zeros, sizes)]
 
 # %% ../nbs/04_gptq.ipynb #193c7efc
@@ -92,8 +100,10 @@ class ColumnGrid:
     def __init__(self, W, bits, group_size, symmetric, static_groups, perm):
         self.bits, self.symmetric, self.group_size, self.perm = bits, symmetric, group_size, perm
         self.on_the_fly = isinstance(group_size, int) and not static_groups
-        self.code_dtype, (self.lo, self.hi) = torch.int8 if symmetric else torch.uint8, qrange(bits, symmetric)
-        self.order = None if perm is None else perm.tolist()  # original index of each column, as Python ints
+        self.code_dtype, (self.lo, self.hi) = (torch.int8 if symmetric else torch.uint8,
+                                               qrange(bits, symmetric))
+        # original index of each column, as Python ints
+        self.order = None if perm is None else perm.tolist()
         self.params = []  # (scale, 1/scale, zero-point) of each group, as vectors over the rows
         if group_size == 'channel': self.fit(W)
         elif static_groups:  # consecutive *original* columns, fitted before any weight moves
@@ -102,7 +112,8 @@ class ColumnGrid:
 
     def fit(self, columns):
         "Append the per-row grid of `columns`, (rows, n)."
-        scale, zero = scale_zero(columns, self.bits, self.symmetric, torch.float16, check=False)  # checked once, up front
+        # checked once, up front
+        scale, zero = scale_zero(columns, self.bits, self.symmetric, torch.float16, check=False)
         self.params.append((scale[:, 0], 1 / scale[:, 0], None if zero is None else zero[:, 0]))
 
     def round(self, column: int, upcoming: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -122,8 +133,10 @@ class ColumnGrid:
         keep_order = self.on_the_fly and self.perm is not None
         if self.perm is not None and not keep_order: codes = codes[:, torch.argsort(self.perm)]
         scale = torch.stack([s for s, _, _ in self.params], 1).half()
-        zero = None if self.symmetric else torch.stack([z for _, _, z in self.params], 1).to(torch.uint8)
-        q = QuantizedWeight(codes.to(self.code_dtype).contiguous(), scale, zero, self.bits, self.group_size,
+        zero = None if self.symmetric else torch.stack([z for _, _, z in self.params],
+                                                       1).to(torch.uint8)
+        q = QuantizedWeight(codes.to(self.code_dtype).contiguous(), scale, zero, self.bits,
+                            self.group_size,
                             self.symmetric, tuple(codes.shape))
         return GPTQWeight(q, self.perm.to(torch.int16) if keep_order else None, damping, losses)
 
@@ -144,43 +157,56 @@ def damped_inverse_cholesky(hessian: torch.Tensor, # (n, n), symmetric
                             name: str = 'layer', # named in the warning if more damping is needed
                            ) -> tuple[torch.Tensor, float]:
     "Upper triangular `U` with `U^T U = (H + damp*I)^-1`, and `damp`; damping grows tenfold until H is positive definite."
-    if not torch.isfinite(hessian).all(): raise ValueError(f"{name}: the Hessian holds NaN or Inf values")
+    if not torch.isfinite(hessian).all():
+        raise ValueError(f"{name}: the Hessian holds NaN or Inf values")
     mean_diag = hessian.diagonal().abs().mean().item() or 1.0
     eye = torch.eye(len(hessian), dtype=hessian.dtype, device=hessian.device)
-    tiny = torch.finfo(hessian.dtype).eps ** 0.5  # a Cholesky diagonal this far below its largest: singular in this precision
+    # a Cholesky diagonal this far below its largest: singular in this precision
+    tiny = torch.finfo(hessian.dtype).eps ** 0.5
     for _ in range(20):
         damp = percdamp * mean_diag
         L, info = torch.linalg.cholesky_ex(hessian + damp * eye)
         if info == 0 and L.diagonal().min() > tiny * L.diagonal().max():
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_solve(eye, L), upper=True)  # (H + damp I)^-1 from L
+            # (H + damp I)^-1 from L
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_solve(eye, L), upper=True)
             if info == 0 and torch.isfinite(U).all(): return U, damp
         bigger = max(10 * percdamp, 1e-4)
-        warnings.warn(f"{name}: the Hessian is not positive definite (to {hessian.dtype} precision) with damping {percdamp:g} "
-                      f"x mean diagonal; retrying with {bigger:g}", RuntimeWarning)
+        warnings.warn(f"{name}: the Hessian is not positive definite (to {hessian.dtype} "
+                      f"precision) with damping {percdamp:g} x mean diagonal; retrying with "
+                      f"{bigger:g}", RuntimeWarning)
         percdamp = bigger
-    raise ValueError(f"{name}: the Hessian could not be made positive definite (damping {percdamp:g} x mean diagonal)")
+    raise ValueError(f"{name}: the Hessian could not be made positive definite (damping "
+                     f"{percdamp:g} x mean diagonal)")
 
 # %% ../nbs/04_gptq.ipynb #09e8141f
 def _check_gptq_args(weight, hessian, bits, group_size, static_groups, percdamp):
     "Raise a clear error for arguments GPTQ cannot use."
     check_tensor(weight, 'weight'); check_bits(bits)
-    if weight.ndim != 2: raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-    if group_size == 'tensor': raise ValueError("GPTQ here takes group_size='channel' or an int; 'tensor' is not supported")
+    if weight.ndim != 2:
+        raise ValueError("weight must be 2-D (out_features, in_features), got shape "
+                         f"{tuple(weight.shape)}")
+    if group_size == 'tensor':
+        raise ValueError("GPTQ here takes group_size='channel' or an int; "
+                         "'tensor' is not supported")
     check_group_size(group_size, weight.shape[1])
     if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (weight.shape[1],) * 2:
-        raise ValueError(f"hessian must be in_features x in_features = {weight.shape[1]} x {weight.shape[1]}, got "
-                         f"{tuple(getattr(hessian, 'shape', ()))}; build it from this layer's inputs")
-    if static_groups and not isinstance(group_size, int): raise ValueError("static_groups=True needs an int group_size")
+        raise ValueError(f"hessian must be in_features x in_features = {weight.shape[1]} x "
+                         f"{weight.shape[1]}, got {tuple(getattr(hessian, 'shape', ()))}; build "
+                         "it from this layer's inputs")
+    if static_groups and not isinstance(group_size, int):
+        raise ValueError("static_groups=True needs an int group_size")
     if not percdamp >= 0: raise ValueError(f"percdamp must be >= 0, got {percdamp}")
 
 # %% ../nbs/04_gptq.ipynb #ddeb500b
 def naive_gptq(weight: torch.Tensor, # (out_features, in_features)
                hessian: torch.Tensor, # (in_features, in_features), from `Hessian`
                bits: int = 4, # bits per code, 2 to 8
-               group_size: int|str = 'channel', # columns per grid along a row, or 'channel' (one grid per row)
+               # columns per grid along a row, or 'channel' (one grid per row)
+               group_size: int|str = 'channel',
                symmetric: bool = False, # absmax grid without zero-point, or min/max grid with one
                act_order: bool = False, # visit columns by decreasing H_jj instead of left to right
-               static_groups: bool = False, # fit group grids from the original weights, before any update
+               # fit group grids from the original weights, before any update
+               static_groups: bool = False,
                percdamp: float = .01, # damping, as a fraction of the mean diagonal of H
                name: str = 'layer', # named in warnings
               ) -> GPTQWeight:
@@ -190,22 +216,29 @@ def naive_gptq(weight: torch.Tensor, # (out_features, in_features)
     _, damping = damped_inverse_cholesky(H, percdamp, name)
     Hinv = torch.linalg.inv(H + damping * torch.eye(len(H), dtype=H.dtype, device=H.device))
     grid = ColumnGrid(W, bits, group_size, symmetric, static_groups, perm)
-    codes = torch.empty(W.shape[1], W.shape[0], dtype=W.dtype, device=W.device)  # one row per column
+    # one row per column
+    codes = torch.empty(W.shape[1], W.shape[0], dtype=W.dtype, device=W.device)
     for c in range(W.shape[1]):
         q = grid.round(c, W.T[c:], codes[c])
         d = Hinv[c, c]
-        W[:, c+1:] -= torch.outer((W[:, c] - q) / d, Hinv[c, c+1:])  # spread the error over the columns not yet fixed
-        Hinv[c:, c:] -= torch.outer(Hinv[c:, c], Hinv[c, c:]) / d  # column c is fixed now: eliminate it from the inverse
+        # spread the error over the columns not yet fixed
+        W[:, c+1:] -= torch.outer((W[:, c] - q) / d, Hinv[c, c+1:])
+        # column c is fixed now: eliminate it from the inverse
+        Hinv[c:, c:] -= torch.outer(Hinv[c:, c], Hinv[c, c:]) / d
     return grid.result(codes.T, damping)
 
 # %% ../nbs/04_gptq.ipynb #a2f44ed6
 def gptq_quantize(weight: torch.Tensor, # (out_features, in_features)
                   hessian: torch.Tensor, # (in_features, in_features), from `Hessian`
                   bits: int = 4, # bits per code, 2 to 8
-                  group_size: int|str = 'channel', # columns per grid along a row, or 'channel' (one grid per row)
-                  symmetric: bool = False, # absmax grid without zero-point, or min/max grid with one
-                  act_order: bool = False, # visit columns by decreasing H_jj instead of left to right
-                  static_groups: bool = False, # fit group grids from the original weights, before any update
+                  # columns per grid along a row, or 'channel' (one grid per row)
+                  group_size: int|str = 'channel',
+                  # absmax grid without zero-point, or min/max grid with one
+                  symmetric: bool = False,
+                  # visit columns by decreasing H_jj instead of left to right
+                  act_order: bool = False,
+                  # fit group grids from the original weights, before any update
+                  static_groups: bool = False,
                   block_size: int = 128, # columns per lazy batch
                   percdamp: float = .01, # damping, as a fraction of the mean diagonal of H
                   name: str = 'layer', # named in warnings
@@ -217,7 +250,8 @@ def gptq_quantize(weight: torch.Tensor, # (out_features, in_features)
     W, H, perm = _prepare(weight, hessian, act_order)
     U, damping = damped_inverse_cholesky(H, percdamp, name)
     grid = ColumnGrid(W, bits, group_size, symmetric, static_groups, perm)
-    if grid.on_the_fly: block_size = max(group_size, block_size // group_size * group_size)  # whole groups per block
+    # whole groups per block
+    if grid.on_the_fly: block_size = max(group_size, block_size // group_size * group_size)
     Wt = W.T.contiguous()  # row c of Wt is column c of W
     codes, losses = torch.empty_like(Wt), torch.empty(len(Wt), dtype=Wt.dtype, device=Wt.device)
     for i1 in range(0, len(Wt), block_size):
@@ -227,8 +261,10 @@ def gptq_quantize(weight: torch.Tensor, # (out_features, in_features)
             c = i1 + i
             q = grid.round(c, block[i:], codes[c])
             torch.sub(block[i], q, out=errors[i]).div_(U[c, c])
-            block[i + 1:].addr_(U[c, c + 1:i2], errors[i], alpha=-1)  # the later columns of this block, now
-        Wt[i2:].addmm_(U[i1:i2, i2:].T, errors, alpha=-1)            # every column after the block, at once
+            # the later columns of this block, now
+            block[i + 1:].addr_(U[c, c + 1:i2], errors[i], alpha=-1)
+        # every column after the block, at once
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, errors, alpha=-1)
         losses[i1:i2] = (errors ** 2).sum(1) / 2
     return grid.result(codes.T, damping, losses)
 
@@ -236,25 +272,35 @@ def gptq_quantize(weight: torch.Tensor, # (out_features, in_features)
 class GPTQLinear(QuantLinear):
     "A `QuantLinear` that also stores its column order when GPTQ ran in activation order with groups found on the fly."
     method = 'gptq'
-    def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int|str = 'channel',
+    def __init__(self, in_features: int, out_features: int, bits: int = 4,
+                 group_size: int|str = 'channel',
                  symmetric: bool = False, bias: bool = True, permuted: bool = False):
         self.permuted = permuted  # read by `settings()` while the parent class seals the config
         super().__init__(in_features, out_features, bits, group_size, symmetric, bias)
-        self.register_buffer('perm', torch.arange(in_features, dtype=torch.int16) if permuted else None)
+        self.register_buffer('perm', torch.arange(in_features, dtype=torch.int16) if permuted
+                             else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, hessian: torch.Tensor|None = None, # the Hessian of the layer's inputs
-                    bits: int = 4, group_size: int|str = 'channel', symmetric: bool = False, **options):
+    def from_linear(
+        # the Hessian of the layer's inputs
+        cls, linear: nn.Linear, hessian: torch.Tensor|None = None,
+        bits: int = 4, group_size: int|str = 'channel', symmetric: bool = False,
+        **options):
         "Quantize an `nn.Linear` by GPTQ, given the Hessian of its inputs (`options`: those of `gptq_quantize`)."
-        if hessian is None: raise ValueError("GPTQ needs the Hessian of the layer's inputs: pass hessian=Hessian(in_features)"
-                                             ".add(inputs).value(), or use quantize_model(model, 'gptq', calibration=...)")
-        return cls.from_weight(gptq_quantize(linear.weight, hessian, bits, group_size, symmetric, **options), linear.bias)
+        if hessian is None:
+            raise ValueError("GPTQ needs the Hessian of the layer's inputs: pass "
+                             "hessian=Hessian(in_features)"
+                                             ".add(inputs).value(), or use quantize_model(model, "
+                                             "'gptq', calibration=...)")
+        return cls.from_weight(gptq_quantize(linear.weight, hessian, bits, group_size, symmetric,
+                                             **options), linear.bias)
 
     @classmethod
     def from_weight(cls, q: GPTQWeight, bias: torch.Tensor|None = None):
         "Wrap a `GPTQWeight`: packed codes, scales, zero-points and the column order."
         (out_features, in_features), inner = q.quantized.shape, q.quantized
-        layer = cls(in_features, out_features, inner.bits, inner.group_size, inner.symmetric, bias is not None,
+        layer = cls(in_features, out_features, inner.bits, inner.group_size, inner.symmetric,
+                    bias is not None,
                     q.perm is not None).to(inner.codes.device)
         for name, tensor in q.tensors().items(): getattr(layer, name).copy_(tensor)
         if bias is not None: layer.bias.copy_(bias.detach().float())
@@ -273,11 +319,15 @@ def _hessian(inputs: torch.Tensor) -> torch.Tensor:
     "The statistics GPTQ needs of a group of layers' inputs: their Hessian, computed once for the group."
     return Hessian(inputs.shape[-1], inputs.device).add(inputs).value()
 
-def _gptq(linear: nn.Linear, hessian: torch.Tensor, bits, group_size, symmetric, **options) -> GPTQLinear:
+def _gptq(linear: nn.Linear, hessian: torch.Tensor, bits, group_size, symmetric,
+          **options) -> GPTQLinear:
     "One layer by GPTQ, from the Hessian of its inputs."
     return GPTQLinear.from_linear(linear, hessian, bits, group_size, symmetric, **options)
 
-register_method(Method('gptq', GPTQLinear, dict(bits=4, group_size=64, symmetric=False, act_order=False, static_groups=False,
+register_method(Method('gptq', GPTQLinear,
+                       dict(bits=4, group_size=64, symmetric=False, act_order=False,
+                            static_groups=False,
                                                 percdamp=0.01, block_size=128),
                        _gptq, needs_calibration=True, collect=_hessian, baseline='rtn',
-                       doc='GPTQ: columns rounded in turn, the error spread over the columns not yet rounded'))
+                       doc='GPTQ: columns rounded in turn, the error spread over the columns not '
+                           'yet rounded'))

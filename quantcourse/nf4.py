@@ -39,10 +39,13 @@ def normal_quantiles(probabilities: torch.Tensor) -> torch.Tensor:
 def nf4_code(offset: float = NF4_OFFSET, # probability of the outermost quantile, in (0.5, 1)
             ) -> torch.Tensor:
     "The 16 NF4 levels, sorted, in [-1, 1]: 8 positive and 7 negative normal quantiles and an exact zero."
-    if not 0.5 < offset < 1: raise ValueError(f"offset must lie strictly between 0.5 and 1, got {offset}")
-    positive = normal_quantiles(torch.linspace(offset, 0.5, 9)[:-1])   # float32 probabilities, as bitsandbytes
+    if not 0.5 < offset < 1:
+        raise ValueError(f"offset must lie strictly between 0.5 and 1, got {offset}")
+    # float32 probabilities, as bitsandbytes
+    positive = normal_quantiles(torch.linspace(offset, 0.5, 9)[:-1])
     negative = -normal_quantiles(torch.linspace(offset, 0.5, 8)[:-1])
-    levels = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).float().sort().values
+    levels = torch.cat([negative, torch.zeros(1, dtype=torch.float64),
+                        positive]).float().sort().values
     return levels / levels.max()
 
 # %% ../nbs/07_nf4.ipynb #5d73bbbe
@@ -50,7 +53,8 @@ def fp4_code() -> torch.Tensor:
     "bitsandbytes' FP4 levels indexed by bit pattern (sign, 2 exponent bits, 1 mantissa bit), scaled to [-1, 1]."
     bits = torch.arange(16)
     sign, exponent, mantissa = bits >> 3, (bits >> 1) & 3, bits & 1
-    magnitude = torch.where(exponent == 0, mantissa / 16, (1 + mantissa / 2) * 2.0 ** (4 - exponent)).float()
+    magnitude = torch.where(exponent == 0, mantissa / 16,
+                            (1 + mantissa / 2) * 2.0 ** (4 - exponent)).float()
     value = torch.where(sign == 1, -magnitude, magnitude)  # pattern 1000 is -0.0
     return value / value.abs().max()
 
@@ -62,17 +66,20 @@ WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _check_blocksize(blocksize, allowed: tuple = BLOCKSIZES, name: str = 'blocksize'):
     "Raise unless `blocksize` is one of `allowed` (powers of two)."
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in allowed:
-        raise ValueError(f"{name} must be a power of two from {allowed[0]} to {allowed[-1]}, got {blocksize!r}")
+        raise ValueError(f"{name} must be a power of two from {allowed[0]} to {allowed[-1]}, got "
+                         f"{blocksize!r}")
 
 def _check_quant_type(quant_type):
     "Raise unless `quant_type` names a 4-bit code book."
-    if quant_type not in QUANT_TYPES: raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
 
 def _check_weight(weight, name: str = 'weight'):
     "Raise unless `weight` is a non-empty, finite float32, float16 or bfloat16 tensor."
     check_tensor(weight, name)
     if weight.dtype not in WEIGHT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16 (as bitsandbytes), got {weight.dtype}; convert it with .float()")
+        raise TypeError(f"{name} must be float32, float16 or bfloat16 (as bitsandbytes), got "
+                        f"{weight.dtype}; convert it with .float()")
 
 # %% ../nbs/07_nf4.ipynb #3b68b701
 _TINY = 1e-38  # bitsandbytes' floor for a divisor
@@ -89,27 +96,33 @@ def absmax_scale(blocks: torch.Tensor, # (n_blocks, blocksize) float32, from `to
                  n: int, # how many values are real (the rest of the last row is padding)
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     "Each block divided by its absmax (so within [-1, 1], up to one rounding), and the float32 absmax of each block."
-    absmax = torch.linalg.vector_norm(blocks, ord=math.inf, dim=1)  # max |x| per block, without a temporary |x|
+    # max |x| per block, without a temporary |x|
+    absmax = torch.linalg.vector_norm(blocks, ord=math.inf, dim=1)
     scaled = blocks * (1.0 / absmax.clamp(min=_TINY))[:, None]
-    if n % blocks.shape[1]: scaled[-1] = blocks[-1] / absmax[-1].clamp(min=_TINY)  # bitsandbytes divides the short block
+    # bitsandbytes divides the short block
+    if n % blocks.shape[1]: scaled[-1] = blocks[-1] / absmax[-1].clamp(min=_TINY)
     return scaled, absmax
 
 # %% ../nbs/07_nf4.ipynb #012470bb
 def nearest_level(values: torch.Tensor, # values in [-1, 1]
-                  code: torch.Tensor, # the levels, in any order (a code's index is its position here)
+                  # the levels, in any order (a code's index is its position here)
+                  code: torch.Tensor,
                  ) -> torch.Tensor:
     "Index into `code` of the level nearest to each value (a tie goes to the lower level)."
     order = torch.argsort(code, stable=True)
     ordered = code[order]
     boundaries = (ordered[:-1] + ordered[1:]) / 2
     position = torch.bucketize(values, boundaries, out_int32=True)
-    return position if torch.equal(order, torch.arange(len(code), device=code.device)) else order[position]
+    return (position if torch.equal(order, torch.arange(len(code), device=code.device))
+            else order[position])
 
 # %% ../nbs/07_nf4.ipynb #a4475832
 def pack_nibbles(codes: torch.Tensor, # integer codes 0..15, even count
                 ) -> torch.Tensor:
     "Two 4-bit codes per byte, the first of each pair in the high nibble (bitsandbytes' order)."
-    if codes.numel() % 2: raise ValueError(f"pack_nibbles needs an even number of codes, got {codes.numel()}; pad first")
+    if codes.numel() % 2:
+        raise ValueError(f"pack_nibbles needs an even number of codes, got {codes.numel()}; pad "
+                         "first")
     codes = codes.reshape(-1).to(torch.uint8)
     return (codes[0::2] << 4) | codes[1::2]
 
@@ -150,12 +163,14 @@ def byte_table(quant_type: str, # 'nf4' or 'fp4'
 class Weight4bit:
     "A weight stored blockwise in 4 bits (NF4 or FP4), optionally with double-quantized block scales."
     packed: torch.Tensor   # uint8, ceil(n/2) bytes: two codes each, the first in the high nibble
-    absmax: torch.Tensor   # float32 absmax per block, or uint8 codes of (absmax - offset) when double-quantized
+    # float32 absmax per block, or uint8 codes of (absmax - offset) when double-quantized
+    absmax: torch.Tensor
     shape: tuple           # shape of the original weight
     dtype: torch.dtype     # dtype of the original weight: what `dequantize()` returns by default
     blocksize: int = 64
     quant_type: str = 'nf4'
-    nested_absmax: torch.Tensor|None = None  # double quantization: float32 absmax per 256 block scales
+    # double quantization: float32 absmax per 256 block scales
+    nested_absmax: torch.Tensor|None = None
     offset: torch.Tensor|None = None         # double quantization: float32 mean of the block scales
 
     @property
@@ -166,23 +181,29 @@ class Weight4bit:
     def scales(self) -> torch.Tensor:
         "The float32 absmax of every block (decoding the 8-bit scales if double-quantized)."
         if not self.double_quant: return self.absmax
-        return dequantize_blockwise_8bit(self.absmax, self.nested_absmax, dynamic_code(self.absmax.device), NESTED_BLOCKSIZE) + self.offset
+        return dequantize_blockwise_8bit(self.absmax, self.nested_absmax,
+                                         dynamic_code(self.absmax.device),
+                                         NESTED_BLOCKSIZE) + self.offset
 
     def dequantize(self, dtype: torch.dtype|None = None) -> torch.Tensor:
         "The weight these codes stand for, in `dtype` (default: the original dtype)."
         n, size = self.numel, self.blocksize
-        values = byte_table(self.quant_type, self.packed.device).index_select(0, self.packed.int()).view(-1)[:n]
+        values = byte_table(self.quant_type,
+                            self.packed.device).index_select(0, self.packed.int()).view(-1)[:n]
         pad = -n % size
-        blocks = (F.pad(values, (0, pad)) if pad else values).view(-1, size) * self.scales()[:, None]
+        blocks = (F.pad(values, (0, pad)) if pad
+                  else values).view(-1, size) * self.scales()[:, None]
         return blocks.view(-1)[:n].to(dtype or self.dtype).view(self.shape)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         "Every tensor stored, by name."
-        names = ('packed', 'absmax', 'nested_absmax', 'offset') if self.double_quant else ('packed', 'absmax')
+        names = ('packed', 'absmax', 'nested_absmax',
+                 'offset') if self.double_quant else ('packed', 'absmax')
         return {k: getattr(self, k) for k in names}
 
     @property
-    def nbytes(self) -> int: return sum(t.numel() * t.element_size() for t in self.tensors().values())
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
     @property
     def bits_per_weight(self) -> float:
         "Stored bits per weight: codes, scales and (double quantization) nested scales and offset."
@@ -190,14 +211,16 @@ class Weight4bit:
 
     def config(self) -> dict:
         "The settings that, with `tensors()`, rebuild this weight."
-        return dict(shape=list(self.shape), dtype=str(self.dtype).removeprefix('torch.'), blocksize=self.blocksize,
+        return dict(shape=list(self.shape), dtype=str(self.dtype).removeprefix('torch.'),
+                    blocksize=self.blocksize,
                     quant_type=self.quant_type, double_quant=self.double_quant)
 
 # %% ../nbs/07_nf4.ipynb #53dd1a12
 def quantize_4bit(weight: torch.Tensor, # float32, float16 or bfloat16, any shape
                   blocksize: int = 64, # weights per absmax: a power of two from 32 to 4096
                   quant_type: str = 'nf4', # 'nf4' or 'fp4'
-                  double_quant: bool = False, # also quantize the block scales to 8 bits (QLoRA's double quantization)
+                  # also quantize the block scales to 8 bits (QLoRA's double quantization)
+                  double_quant: bool = False,
                  ) -> Weight4bit:
     "Blockwise 4-bit quantization with an absmax per block, byte for byte as `bitsandbytes.functional.quantize_4bit`."
     _check_weight(weight); _check_blocksize(blocksize); _check_quant_type(quant_type)
@@ -206,7 +229,8 @@ def quantize_4bit(weight: torch.Tensor, # float32, float16 or bfloat16, any shap
     scaled = scaled.view(-1)[:n]
     if n % 2: scaled = F.pad(scaled, (0, 1))  # the odd last code is that of 0.0
     codes = nearest_level(scaled, code_book(quant_type, weight.device))
-    quantized = Weight4bit(pack_nibbles(codes), absmax, tuple(weight.shape), weight.dtype, blocksize, quant_type)
+    quantized = Weight4bit(pack_nibbles(codes), absmax, tuple(weight.shape), weight.dtype,
+                           blocksize, quant_type)
     return double_quantize(quantized) if double_quant else quantized
 
 # %% ../nbs/07_nf4.ipynb #92640813
@@ -221,7 +245,8 @@ def entropy_bits(codes: torch.Tensor, # integer codes 0..15 (or -8..7)
 NESTED_BLOCKSIZE = 256  # block scales per second-level absmax (bitsandbytes' choice)
 
 def scale_bits_per_weight(blocksize: int = 64, # weights per block scale
-                          double_quant: bool = False, # 8-bit block scales with a float32 absmax per `nested_blocksize`
+                          # 8-bit block scales with a float32 absmax per `nested_blocksize`
+                          double_quant: bool = False,
                           nested_blocksize: int = NESTED_BLOCKSIZE,
                          ) -> float:
     "Bits per weight spent on block scales (ignoring one float32 offset per tensor and the ragged last block)."
@@ -253,22 +278,27 @@ def rounding_table(code: torch.Tensor, # sorted levels in [-1, 1]
     return torch.searchsorted((code[:-1] + code[1:]) * 0.5, grid)
 
 def quantize_blockwise_8bit(values: torch.Tensor, # any shape, finite
-                            code: torch.Tensor, # 256 sorted levels in [-1, 1], e.g. `dynamic_code()`
+                            # 256 sorted levels in [-1, 1], e.g. `dynamic_code()`
+                            code: torch.Tensor,
                             blocksize: int = NESTED_BLOCKSIZE, # values per absmax
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     "uint8 codes of `values` (flattened) and the float32 absmax per block, rounded through bitsandbytes' table."
     check_tensor(values, 'values')
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
-    if code.numel() > 256: raise ValueError(f"an 8-bit code has at most 256 levels, got {code.numel()}")
+    if code.numel() > 256:
+        raise ValueError(f"an 8-bit code has at most 256 levels, got {code.numel()}")
     n = values.numel()
     blocks = to_blocks(values, blocksize)
     absmax = blocks.abs().amax(1)
     inverse = 1.0 / absmax
-    finite = torch.isfinite(inverse)  # a zero or subnormal absmax has no finite reciprocal: divide those blocks instead
-    scaled = torch.where(finite[:, None], blocks * torch.where(finite, inverse, 0)[:, None], blocks / absmax.clamp(min=_TINY)[:, None])
+    # a zero or subnormal absmax has no finite reciprocal: divide those blocks instead
+    finite = torch.isfinite(inverse)
+    scaled = torch.where(finite[:, None], blocks * torch.where(finite, inverse, 0)[:, None],
+                         blocks / absmax.clamp(min=_TINY)[:, None])
     normalized = scaled.clamp(-1, 1)
-    grid_index = ((normalized + 1.0) * 0.5 * (_GRID - 1) + 0.5).to(torch.int32)  # nearest grid point
+    # nearest grid point
+    grid_index = ((normalized + 1.0) * 0.5 * (_GRID - 1) + 0.5).to(torch.int32)
     codes = rounding_table(code)[grid_index].to(torch.uint8)
     codes[absmax == 0] = 0  # an all-zero block stores code 0 (bitsandbytes does the same)
     return codes.view(-1)[:n], absmax
@@ -287,8 +317,10 @@ def double_quantize(weight: Weight4bit) -> Weight4bit:
     "The same 4-bit weight with its float32 block scales replaced by 8-bit codes (QLoRA's double quantization)."
     if weight.double_quant: return weight
     offset = weight.absmax.mean()
-    if not torch.isfinite(offset): offset = weight.absmax.double().mean().float()  # the float32 sum overflowed
-    codes, nested = quantize_blockwise_8bit(weight.absmax - offset, dynamic_code(weight.absmax.device), NESTED_BLOCKSIZE)
+    # the float32 sum overflowed
+    if not torch.isfinite(offset): offset = weight.absmax.double().mean().float()
+    codes, nested = quantize_blockwise_8bit(weight.absmax - offset,
+                                            dynamic_code(weight.absmax.device), NESTED_BLOCKSIZE)
     return dataclasses.replace(weight, absmax=codes, nested_absmax=nested, offset=offset)
 
 # %% ../nbs/07_nf4.ipynb #13f45fad
@@ -303,45 +335,59 @@ class NF4Linear(QuantizedLinear):
                  blocksize: int = 64, # weights per absmax
                  quant_type: str = 'nf4', # 'nf4' or 'fp4'
                  double_quant: bool = False, # 8-bit block scales
-                 compute_dtype: torch.dtype|str|None = None, # float32 or bfloat16 (float16 allowed); None: the input's dtype
-                 dtype: torch.dtype|str = torch.float32, # dtype of the original weight and of the bias
+                 # float32 or bfloat16 (float16 allowed); None: the input's dtype
+                 compute_dtype: torch.dtype|str|None = None,
+                 # dtype of the original weight and of the bias
+                 dtype: torch.dtype|str = torch.float32,
                 ):
         compute_dtype, dtype = _dtype(compute_dtype), _dtype(dtype)
         super().__init__(in_features, out_features, bias, bias_dtype=dtype)
         _check_blocksize(blocksize); _check_quant_type(quant_type)
-        if compute_dtype not in (None, *WEIGHT_DTYPES): raise ValueError(f"compute_dtype must be None or one of {WEIGHT_DTYPES}, got {compute_dtype}")
-        self.blocksize, self.quant_type, self.double_quant, self.compute_dtype, self.dtype = blocksize, quant_type, double_quant, compute_dtype, dtype
+        if compute_dtype not in (None, *WEIGHT_DTYPES):
+            raise ValueError(f"compute_dtype must be None or one of {WEIGHT_DTYPES}, got "
+                             f"{compute_dtype}")
+        self.blocksize, self.quant_type, self.double_quant, self.compute_dtype, self.dtype = (
+            blocksize, quant_type, double_quant, compute_dtype, dtype)
         n = in_features * out_features; n_blocks = -(-n // blocksize)
         self.register_buffer('packed', torch.zeros(-(-n // 2), dtype=torch.uint8))
-        self.register_buffer('absmax', torch.zeros(n_blocks, dtype=torch.uint8 if double_quant else torch.float32))
-        self.register_buffer('nested_absmax', torch.zeros(-(-n_blocks // NESTED_BLOCKSIZE)) if double_quant else None)
+        self.register_buffer('absmax', torch.zeros(n_blocks, dtype=torch.uint8 if double_quant
+                                                   else torch.float32))
+        self.register_buffer('nested_absmax',
+                             torch.zeros(-(-n_blocks // NESTED_BLOCKSIZE)) if double_quant
+                             else None)
         self.register_buffer('offset', torch.zeros(()) if double_quant else None)
         self._seal()
 
     @classmethod
-    def from_weight(cls, weight: Weight4bit, bias: torch.Tensor|None = None, compute_dtype: torch.dtype|None = None):
+    def from_weight(cls, weight: Weight4bit, bias: torch.Tensor|None = None,
+                    compute_dtype: torch.dtype|None = None):
         "Wrap an already quantized `Weight4bit` (and an optional bias)."
         out_features, in_features = weight.shape
-        layer = cls(in_features, out_features, bias is not None, weight.blocksize, weight.quant_type, weight.double_quant,
+        layer = cls(in_features, out_features, bias is not None, weight.blocksize,
+                    weight.quant_type, weight.double_quant,
                     compute_dtype, weight.dtype).to(weight.packed.device)
         for name, tensor in weight.tensors().items(): getattr(layer, name).copy_(tensor)
         if bias is not None: layer.bias.copy_(bias.detach())
         return layer
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, quant_type: str = 'nf4', double_quant: bool = False,
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, quant_type: str = 'nf4',
+                    double_quant: bool = False,
                     compute_dtype: torch.dtype|None = None):
         "Quantize an `nn.Linear`."
-        return cls.from_weight(quantize_4bit(linear.weight, blocksize, quant_type, double_quant), linear.bias, compute_dtype)
+        return cls.from_weight(quantize_4bit(linear.weight, blocksize, quant_type, double_quant),
+                               linear.bias, compute_dtype)
 
     def settings(self) -> dict:
         name = lambda d: None if d is None else str(d).removeprefix('torch.')
-        return dict(blocksize=self.blocksize, quant_type=self.quant_type, double_quant=self.double_quant,
+        return dict(blocksize=self.blocksize, quant_type=self.quant_type,
+                    double_quant=self.double_quant,
                     compute_dtype=name(self.compute_dtype), dtype=name(self.dtype))
 
     def weight(self) -> Weight4bit:
         "The stored weight as a `Weight4bit` (sharing the buffers)."
-        return Weight4bit(self.packed, self.absmax, (self.out_features, self.in_features), self.dtype, self.blocksize,
+        return Weight4bit(self.packed, self.absmax, (self.out_features, self.in_features),
+                          self.dtype, self.blocksize,
                           self.quant_type, self.nested_absmax, self.offset)
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
@@ -350,14 +396,20 @@ class NF4Linear(QuantizedLinear):
         return F.linear(x.to(dtype), self.weight().dequantize(dtype), bias).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, quant_type={self.quant_type!r}, "
-                f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}, bias={self.bias is not None}")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"quant_type={self.quant_type!r}, blocksize={self.blocksize}, "
+                f"double_quant={self.double_quant}, compute_dtype={self.compute_dtype}, "
+                f"bias={self.bias is not None}")
 
 # %% ../nbs/07_nf4.ipynb #dd2830c8
-def _4bit(linear: nn.Linear, statistics, blocksize: int, quant_type: str, double_quant: bool, compute_dtype) -> NF4Linear:
+def _4bit(linear: nn.Linear, statistics, blocksize: int, quant_type: str, double_quant: bool,
+          compute_dtype) -> NF4Linear:
     "NF4 and FP4 are round-to-nearest on their code books: no statistics of the inputs are needed."
     return NF4Linear.from_linear(linear, blocksize, quant_type, double_quant, _dtype(compute_dtype))
 
 for _name in QUANT_TYPES:
-    register_method(Method(_name, NF4Linear, dict(blocksize=64, quant_type=_name, double_quant=False, compute_dtype=None),
-                           _4bit, doc=f"bitsandbytes' {_name.upper()} code book, blockwise absmax (double_quant: 8-bit scales)"))
+    register_method(Method(_name, NF4Linear,
+                           dict(blocksize=64, quant_type=_name, double_quant=False,
+                                compute_dtype=None),
+                           _4bit, doc=f"bitsandbytes' {_name.upper()} code book, blockwise absmax "
+                                      "(double_quant: 8-bit scales)"))

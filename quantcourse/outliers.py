@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 from torch import nn
-from .core import (capture_inputs, linear_names, replace_linears, check_tensor, QuantizedLinear, Method,
-                              register_method, decoder_blocks, block_inputs, run_block, linear_groups)
+from .core import (capture_inputs, linear_names, replace_linears, check_tensor,
+                              QuantizedLinear, Method,
+                              register_method, decoder_blocks, block_inputs, run_block,
+                              linear_groups)
 from .scales import scale_zero, quantize_codes, quantize_weight, QuantizedWeight
 from tqdm.auto import tqdm
 
@@ -37,8 +39,9 @@ class ChannelStats:
 def _check_finite(x: torch.Tensor, what: str):
     "Raise a ValueError naming `what` if `x` holds NaN or Inf."
     if not torch.isfinite(x).all():
-        raise ValueError(f"found {(~torch.isfinite(x)).sum().item()} NaN or Inf value(s) in {what}; quantization "
-                         "needs finite numbers (look at the layer that produced them, or at the model's dtype)")
+        raise ValueError(f"found {(~torch.isfinite(x)).sum().item()} NaN or Inf value(s) in "
+                         f"{what}; quantization needs finite numbers (look at the layer that "
+                         "produced them, or at the model's dtype)")
 
 def _check_threshold(threshold):
     "Raise unless `threshold` is None (no outliers) or a positive number."
@@ -51,20 +54,25 @@ def _check_threshold(threshold):
 
 # %% ../nbs/03_outliers.ipynb #c073b7b2
 @torch.no_grad()
-def input_stats(model, sequences: torch.Tensor, # token ids, (n_sequences, seq_len) or one 1-D sequence
-                names: list[str]|None = None, # layers to watch (default: `linear_names(model)`)
-                threshold: float = 6.0, # count the tokens with |x| >= threshold in each channel
-                batch_size: int = 1, # sequences per forward pass (each pass holds all captured inputs at once)
-                progress: bool = True) -> dict[str, ChannelStats]:
+def input_stats(
+    model, sequences: torch.Tensor, # token ids, (n_sequences, seq_len) or one 1-D sequence
+    names: list[str]|None = None, # layers to watch (default: `linear_names(model)`)
+    threshold: float = 6.0, # count the tokens with |x| >= threshold in each channel
+    # sequences per forward pass (each pass holds all captured inputs at once)
+    batch_size: int = 1,
+    progress: bool = True) -> dict[str, ChannelStats]:
     "Per-channel max |x| and threshold counts of the inputs of each named layer, reduced pass by pass."
-    if threshold is None: raise TypeError("threshold must be a positive number here: it is what the counts count against")
+    if threshold is None:
+        raise TypeError("threshold must be a positive number here: it is what the counts count "
+                        "against")
     _check_threshold(threshold)
     names = linear_names(model) if names is None else names
     sequences = sequences[None] if sequences.ndim == 1 else sequences
     device, stats = next(model.parameters()).device, {}
     batches = range(0, len(sequences), batch_size)
     for start in (tqdm(batches, leave=False) if progress else batches):
-        with capture_inputs(model, names, to_cpu=False) as captured: model(sequences[start:start+batch_size].to(device))
+        with capture_inputs(model, names, to_cpu=False) as captured:
+            model(sequences[start:start+batch_size].to(device))
         reduced = {}  # q, k and v see the same tensor: reduce it once
         for name in names:
             x = captured[name][0]
@@ -76,23 +84,28 @@ def input_stats(model, sequences: torch.Tensor, # token ids, (n_sequences, seq_l
             absmax, over, tokens = reduced[key]
             if name in stats:
                 old = stats[name]
-                absmax, over, tokens = torch.maximum(old.absmax, absmax), old.over + over, old.tokens + tokens
+                absmax, over, tokens = torch.maximum(old.absmax,
+                                                     absmax), old.over + over, old.tokens + tokens
             stats[name] = ChannelStats(absmax, over, tokens, threshold)
     return stats
 
 # %% ../nbs/03_outliers.ipynb #374fb071
-EXACT_BLOCK = 1024  # int8 products are at most 2**14, so 2**10 of them sum exactly in float32 (2**24)
+# int8 products are at most 2**14, so 2**10 of them sum exactly in float32 (2**24)
+EXACT_BLOCK = 1024
 
 def int8_matmul(a: torch.Tensor, # int8 codes, (m, k)
                 b: torch.Tensor, # int8 codes, (n, k): the nn.Linear weight layout
                ) -> torch.Tensor:
     "Exact `a @ b.T` of int8 matrices as int32: `torch._int_mm` on CUDA, float32 blocks of 1024 elsewhere."
-    if a.dtype != torch.int8 or b.dtype != torch.int8: raise TypeError(f"a and b must be int8, got {a.dtype} and {b.dtype}")
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"a and b must be int8, got {a.dtype} and {b.dtype}")
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"need a (m, k) and b (n, k), got {tuple(a.shape)} and {tuple(b.shape)}")
     (m, k), n = a.shape, b.shape[0]
-    if a.is_cuda and m > 16 and k % 8 == 0 and n % 8 == 0: return torch._int_mm(a, b.t())  # cuBLAS's limits
-    out = torch.zeros(m, n, dtype=torch.int32, device=a.device)  # (exact as long as TF32 stays off, PyTorch's default)
+    # cuBLAS's limits
+    if a.is_cuda and m > 16 and k % 8 == 0 and n % 8 == 0: return torch._int_mm(a, b.t())
+    # (exact as long as TF32 stays off, PyTorch's default)
+    out = torch.zeros(m, n, dtype=torch.int32, device=a.device)
     for s in range(0, k, EXACT_BLOCK):
         out += (a[:, s:s+EXACT_BLOCK].float() @ b[:, s:s+EXACT_BLOCK].float().T).to(torch.int32)
     return out
@@ -102,15 +115,18 @@ GRANULARITIES = ('token', 'tensor')
 
 def _check_granularity(granularity):
     if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES} (one scale per token, or one for the whole input), got {granularity!r}")
+        raise ValueError(f"granularity must be one of {GRANULARITIES} (one scale per token, or "
+                         f"one for the whole input), got {granularity!r}")
 
 def quantize_activations(x: torch.Tensor, # activations, (..., in_features)
-                         granularity: str = 'token', # 'token': one scale per row; 'tensor': one scale for all
+                         # 'token': one scale per row; 'tensor': one scale for all
+                         granularity: str = 'token',
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     "Symmetric INT8 codes of `x` as a (tokens, in_features) matrix, and float32 scales, (tokens, 1) or (1, 1)."
     _check_granularity(granularity); _check_finite(x, 'the activations')
     rows = x.reshape(-1, x.shape[-1])
-    scale, _ = scale_zero(rows if granularity == 'token' else rows.reshape(1, -1), bits=8, symmetric=True)
+    scale, _ = scale_zero(rows if granularity == 'token' else rows.reshape(1, -1), bits=8,
+                          symmetric=True)
     return quantize_codes(rows, scale, None, bits=8, symmetric=True), scale
 
 # %% ../nbs/03_outliers.ipynb #18a372b8
@@ -123,7 +139,8 @@ class W8A8Linear(QuantizedLinear):
         super().__init__(in_features, out_features, bias)
         _check_granularity(granularity)
         self.granularity = granularity
-        self.register_buffer('weight_codes', torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer('weight_codes',
+                             torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer('weight_scale', torch.ones(out_features, 1, dtype=torch.float16))
         self._seal()
 
@@ -131,7 +148,8 @@ class W8A8Linear(QuantizedLinear):
     def from_linear(cls, linear: nn.Linear, granularity: str = 'token'):
         "Quantize an `nn.Linear`: per-output-channel symmetric INT8 weights."
         q = quantize_weight(linear.weight, bits=8, group_size='channel', symmetric=True)
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, granularity).to(linear.weight.device)
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    granularity).to(linear.weight.device)
         layer.weight_codes.copy_(q.codes); layer.weight_scale.copy_(q.scale)
         if linear.bias is not None: layer.bias.copy_(linear.bias.detach())
         return layer
@@ -140,7 +158,8 @@ class W8A8Linear(QuantizedLinear):
 
     def weight(self) -> QuantizedWeight:
         "The stored weight, in the course's common format."
-        return QuantizedWeight(self.weight_codes, self.weight_scale, None, 8, 'channel', True, (self.out_features, self.in_features))
+        return QuantizedWeight(self.weight_codes, self.weight_scale, None, 8, 'channel', True,
+                               (self.out_features, self.in_features))
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         codes, scale = quantize_activations(x, self.granularity)
@@ -149,7 +168,8 @@ class W8A8Linear(QuantizedLinear):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, granularity={self.granularity!r}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"granularity={self.granularity!r}")
 
 # %% ../nbs/03_outliers.ipynb #cf7f8242
 def _w8a8(linear: nn.Linear, statistics, granularity: str) -> W8A8Linear:
@@ -157,16 +177,20 @@ def _w8a8(linear: nn.Linear, statistics, granularity: str) -> W8A8Linear:
     return W8A8Linear.from_linear(linear, granularity)
 
 register_method(Method('w8a8', W8A8Linear, dict(granularity='token'), _w8a8,
-                       doc='INT8 weights per channel and INT8 activations per token (or tensor), integer matmul'))
+                       doc='INT8 weights per channel and INT8 activations per token (or tensor), '
+                           'integer matmul'))
 
 # %% ../nbs/03_outliers.ipynb #2b25c362
 def int8_vectorwise_quant(x: torch.Tensor, # (rows, columns) floats; bitsandbytes quantizes float16
-                          threshold: float|None = None, # columns holding any |x| >= threshold are outliers; None: none are
+                          # columns holding any |x| >= threshold are outliers; None: none are
+                          threshold: float|None = None,
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Row-wise absmax INT8 codes, row absmaxes (float32) and outlier column indices, as bitsandbytes computes them."
     _check_threshold(threshold); _check_finite(x, 'x')
-    if x.ndim != 2: raise ValueError(f"x must be a (rows, columns) matrix, got shape {tuple(x.shape)}")
-    outliers = x.abs() >= threshold if threshold is not None else torch.zeros_like(x, dtype=torch.bool)
+    if x.ndim != 2:
+        raise ValueError(f"x must be a (rows, columns) matrix, got shape {tuple(x.shape)}")
+    outliers = (x.abs() >= threshold if threshold is not None
+                else torch.zeros_like(x, dtype=torch.bool))
     kept = x.float().masked_fill(outliers, 0)
     absmax = kept.abs().amax(1)
     codes = torch.round(kept * torch.where(absmax > 0, 127 / absmax, 0)[:, None]).to(torch.int8)
@@ -185,12 +209,14 @@ class RowwiseInt8Weight:
         "The weight the codes stand for: code x absmax / 127, in float32, then `dtype`."
         return (self.codes.float() * (self.absmax[:, None] / 127)).to(dtype)
 
-    def tensors(self) -> dict[str, torch.Tensor]: return dict(weight_codes=self.codes, weight_absmax=self.absmax)
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(weight_codes=self.codes, weight_absmax=self.absmax)
 
     @property
     def bits_per_weight(self) -> float:
         "Every stored bit per weight: the INT8 codes and one float32 absmax per row."
-        return 8 * sum(t.numel() * t.element_size() for t in self.tensors().values()) / self.codes.numel()
+        return 8 * sum(t.numel() * t.element_size()
+                       for t in self.tensors().values()) / self.codes.numel()
 
     def config(self) -> dict: return dict(shape=list(self.codes.shape))
 
@@ -198,32 +224,38 @@ class LLMInt8Linear(QuantizedLinear):
     "LLM.int8(): INT8 weight rows and activation rows, and the input columns holding outliers multiplied in 16 bits."
     method, weight_only = 'llm_int8', False
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 threshold: float|None = 6.0, # |x| at which an input column leaves the INT8 product; None: never
+                 # |x| at which an input column leaves the INT8 product; None: never
+                 threshold: float|None = 6.0,
                 ):
         super().__init__(in_features, out_features, bias)
         _check_threshold(threshold)
         self.threshold = threshold
-        self.register_buffer('weight_codes', torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer('weight_codes',
+                             torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer('weight_absmax', torch.ones(out_features))  # bitsandbytes' SCB
         self._seal()
-        self.calls, self.columns_in_16bit = 0, 0  # forward calls, and input columns sent to the 16-bit path over them
+        # forward calls, and input columns sent to the 16-bit path over them
+        self.calls, self.columns_in_16bit = 0, 0
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold: float|None = 6.0):
         "Quantize an `nn.Linear` the way bitsandbytes does: row-wise absmax of the float16 weight."
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, threshold).to(linear.weight.device)
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    threshold).to(linear.weight.device)
         codes, absmax, _ = int8_vectorwise_quant(linear.weight.detach().half())
         layer.weight_codes.copy_(codes); layer.weight_absmax.copy_(absmax)
         if linear.bias is not None: layer.bias.copy_(linear.bias.detach())
         return layer
 
     def settings(self) -> dict: return dict(threshold=self.threshold)
-    def weight(self) -> RowwiseInt8Weight: return RowwiseInt8Weight(self.weight_codes, self.weight_absmax)
+    def weight(self) -> RowwiseInt8Weight:
+        return RowwiseInt8Weight(self.weight_codes, self.weight_absmax)
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         codes, row_absmax, columns = int8_vectorwise_quant(rows.half(), self.threshold)
-        y = int8_matmul(codes, self.weight_codes).float() * (row_absmax[:, None] * self.weight_absmax[None]) / 127**2
+        y = int8_matmul(codes, self.weight_codes).float() * (row_absmax[:, None]
+                                                             * self.weight_absmax[None]) / 127**2
         if self.bias is not None: y = y + self.bias
         if len(columns):  # the outlier columns: activations as they came, weights dequantized
             weight = self.weight_codes[:, columns].float() * (self.weight_absmax[:, None] / 127)
@@ -232,7 +264,8 @@ class LLMInt8Linear(QuantizedLinear):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, threshold={self.threshold}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"threshold={self.threshold}")
 
 # %% ../nbs/03_outliers.ipynb #cb4acdd1
 def _llm_int8(linear: nn.Linear, statistics, threshold: float|None) -> LLMInt8Linear:
@@ -240,22 +273,31 @@ def _llm_int8(linear: nn.Linear, statistics, threshold: float|None) -> LLMInt8Li
     return LLMInt8Linear.from_linear(linear, threshold)
 
 register_method(Method('llm_int8', LLMInt8Linear, dict(threshold=6.0), _llm_int8,
-                       doc="LLM.int8(): INT8 rows, and the input columns holding a value of magnitude >= threshold in 16 bits"))
+                       doc="LLM.int8(): INT8 rows, and the input columns holding a value of "
+                           "magnitude >= threshold in 16 bits"))
 
 # %% ../nbs/03_outliers.ipynb #50ad0f94
 def _check_alpha(alpha):
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)): raise TypeError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    if not 0 <= alpha <= 1: raise ValueError(f"alpha must lie in [0, 1] (0: leave the activations, 1: move everything to the weights), got {alpha}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    if not 0 <= alpha <= 1:
+        raise ValueError("alpha must lie in [0, 1] (0: leave the activations, 1: move everything "
+                         f"to the weights), got {alpha}")
 
 def smooth_scales(act_absmax: torch.Tensor, # max |x| per input channel, from calibration
-                  weight_absmax: torch.Tensor, # max |w| per input channel, over every layer reading that input
-                  alpha: float = 0.5, # migration strength: 0 keeps the activations, 1 moves everything into the weights
+                  # max |w| per input channel, over every layer reading that input
+                  weight_absmax: torch.Tensor,
+                  # migration strength: 0 keeps the activations, 1 moves everything into the weights
+                  alpha: float = 0.5,
                  ) -> torch.Tensor:
     "SmoothQuant's factors s_j = max|X_j|^alpha / max|W_j|^(1-alpha), one per input channel."
-    _check_alpha(alpha); _check_finite(act_absmax, 'act_absmax'); _check_finite(weight_absmax, 'weight_absmax')
+    _check_alpha(alpha); _check_finite(act_absmax, 'act_absmax'); _check_finite(weight_absmax,
+                                                                                'weight_absmax')
     if act_absmax.shape != weight_absmax.shape:
-        raise ValueError(f"act_absmax {tuple(act_absmax.shape)} and weight_absmax {tuple(weight_absmax.shape)} must both be (in_features,)")
-    act, weight = act_absmax.float().clamp(min=1e-5), weight_absmax.float().clamp(min=1e-5)  # dead channels: no division by 0
+        raise ValueError(f"act_absmax {tuple(act_absmax.shape)} and weight_absmax "
+                         f"{tuple(weight_absmax.shape)} must both be (in_features,)")
+    # dead channels: no division by 0
+    act, weight = act_absmax.float().clamp(min=1e-5), weight_absmax.float().clamp(min=1e-5)
     return (act.pow(alpha) / weight.pow(1 - alpha)).clamp(min=1e-5)
 
 # %% ../nbs/03_outliers.ipynb #ba44038b
@@ -264,20 +306,28 @@ def _weight_offset(norm: nn.Module) -> float:
     params = [p for p in (norm.weight, getattr(norm, 'bias', None)) if p is not None]
     saved = [p.data.clone() for p in params]
     for p in params: p.data.zero_()
-    try: out = norm(torch.randn(2, norm.weight.shape[0], dtype=norm.weight.dtype, device=norm.weight.device))
+    try:
+        out = norm(torch.randn(2, norm.weight.shape[0], dtype=norm.weight.dtype,
+                               device=norm.weight.device))
     finally:
         for p, s in zip(params, saved): p.data.copy_(s)
     return 0.0 if out.abs().max() == 0 else 1.0
 
 @torch.no_grad()
-def smooth_norm_linears(norm: nn.Module, # a norm with a per-channel `weight` (and maybe `bias`) that feeds `linears`
-                        linears: list[nn.Linear], # the layers reading the norm's output
-                        act_absmax: torch.Tensor, # max |x| per channel of that output, from calibration
-                        alpha: float = 0.5) -> torch.Tensor:
+def smooth_norm_linears(
+    norm: nn.Module, # a norm with a per-channel `weight` (and maybe `bias`) that feeds `linears`
+    linears: list[nn.Linear], # the layers reading the norm's output
+    # max |x| per channel of that output, from calibration
+    act_absmax: torch.Tensor,
+    alpha: float = 0.5) -> torch.Tensor:
     "Fold SmoothQuant's factors into `norm` (divide) and `linears` (multiply their columns), in place; return them."
-    if len({l.in_features for l in linears}) != 1 or getattr(norm, 'weight', None) is None or norm.weight.shape != (linears[0].in_features,):
-        raise ValueError(f"the norm's weight {tuple(getattr(norm, 'weight', torch.empty(0)).shape)} and every linear's in_features must agree")
-    factors = smooth_scales(act_absmax.to(norm.weight.device), torch.cat([l.weight for l in linears]).abs().amax(0), alpha)
+    if len({l.in_features for l in linears}) != 1 or getattr(norm, 'weight',
+                                                             None) is None or norm.weight.shape != (linears[0].in_features,):
+        raise ValueError("the norm's weight "
+                         f"{tuple(getattr(norm, 'weight', torch.empty(0)).shape)} and every "
+                         "linear's in_features must agree")
+    factors = smooth_scales(act_absmax.to(norm.weight.device),
+                            torch.cat([l.weight for l in linears]).abs().amax(0), alpha)
     offset = _weight_offset(norm)
     norm.weight.copy_((norm.weight + offset) / factors.to(norm.weight.dtype) - offset)
     if getattr(norm, 'bias', None) is not None: norm.bias.div_(factors.to(norm.bias.dtype))
@@ -287,12 +337,14 @@ def smooth_norm_linears(norm: nn.Module, # a norm with a per-channel `weight` (a
 # %% ../nbs/03_outliers.ipynb #306857a0
 @torch.no_grad()
 def smooth_up_down(mlp: nn.Module, # a gated MLP with `up_proj` and `down_proj`
-                   act_absmax: torch.Tensor, # max |x| per channel of down_proj's input, from calibration
+                   # max |x| per channel of down_proj's input, from calibration
+                   act_absmax: torch.Tensor,
                    alpha: float = 0.5) -> torch.Tensor:
     "Fold SmoothQuant's factors for `down_proj`'s input into `up_proj`'s output rows, in place; return them."
     up, down = getattr(mlp, 'up_proj', None), getattr(mlp, 'down_proj', None)
     if not (isinstance(up, nn.Linear) and isinstance(down, nn.Linear)):
-        raise ValueError(f"down_proj=True needs a gated MLP with `up_proj` and `down_proj` linears; {type(mlp).__name__} has none")
+        raise ValueError("down_proj=True needs a gated MLP with `up_proj` and `down_proj` "
+                         f"linears; {type(mlp).__name__} has none")
     factors = smooth_scales(act_absmax.to(down.weight.device), down.weight.abs().amax(0), alpha)
     up.weight.div_(factors[:, None].to(up.weight.dtype))
     if up.bias is not None: up.bias.div_(factors.to(up.bias.dtype))
@@ -301,36 +353,48 @@ def smooth_up_down(mlp: nn.Module, # a gated MLP with `up_proj` and `down_proj`
 
 # %% ../nbs/03_outliers.ipynb #925d4f6e
 @torch.no_grad()
-def smoothing_inputs(block: nn.Module, hidden: torch.Tensor, kwargs: dict, # a decoder block, its input and keywords
-                     down_proj: bool = False, # also measure the inputs of down_proj
-                     groups: list|None = None, # the block's `linear_groups`, if already found
-                    ) -> dict[str, tuple[list[str], torch.Tensor]]:
+def smoothing_inputs(
+    block: nn.Module, hidden: torch.Tensor, kwargs: dict, # a decoder block, its input and keywords
+    down_proj: bool = False, # also measure the inputs of down_proj
+    groups: list|None = None, # the block's `linear_groups`, if already found
+) -> dict[str, tuple[list[str], torch.Tensor]]:
     "For each norm of `block` feeding linears directly (and each down_proj): the linears, and max |x| per channel."
     groups = [g for g in groups or linear_groups(block, hidden, kwargs)
-              if g.source is not None and getattr(block.get_submodule(g.source), 'weight', None) is not None]
-    if not groups: raise ValueError(f"no norm in {type(block).__name__} feeds linear layers directly: SmoothQuant has "
+              if g.source is not None
+              and getattr(block.get_submodule(g.source), 'weight', None) is not None]
+    if not groups:
+        raise ValueError(f"no norm in {type(block).__name__} feeds linear layers directly: "
+                         "SmoothQuant has "
                                     "nowhere to fold its factors (see `linear_groups`)")
     down = [n for n in linear_names(block) if n.endswith('down_proj')] if down_proj else []
-    with capture_inputs(block, [g.names[0] for g in groups] + down, to_cpu=False) as seen: run_block(block, hidden, kwargs)
+    with capture_inputs(block, [g.names[0] for g in groups] + down, to_cpu=False) as seen:
+        run_block(block, hidden, kwargs)
     absmax = lambda name: seen[name][0].reshape(-1, seen[name][0].shape[-1]).abs().amax(0).float()
     found = {g.source: (g.names, absmax(g.names[0])) for g in groups}
-    return found | {name.removesuffix('down_proj') + 'up_proj': ([name], absmax(name)) for name in down}
+    return found | {name.removesuffix('down_proj') + 'up_proj': ([name], absmax(name))
+                    for name in down}
 
 @torch.no_grad()
-def smooth_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, # a decoder block, its input and keywords
-                 alpha: float = 0.5, # migration strength, in [0, 1]
-                 down_proj: bool = False, # also smooth down_proj's input through up_proj (`smooth_up_down`)
-                 inputs: dict|None = None, # `smoothing_inputs` of this block, if already measured
-                 groups: list|None = None, # the block's `linear_groups`, if already found
-                ) -> dict[str, torch.Tensor]:
+def smooth_block(
+    block: nn.Module, hidden: torch.Tensor, kwargs: dict, # a decoder block, its input and keywords
+    alpha: float = 0.5, # migration strength, in [0, 1]
+    # also smooth down_proj's input through up_proj (`smooth_up_down`)
+    down_proj: bool = False,
+    inputs: dict|None = None, # `smoothing_inputs` of this block, if already measured
+    groups: list|None = None, # the block's `linear_groups`, if already found
+) -> dict[str, torch.Tensor]:
     "Fold SmoothQuant's factors into every norm of `block` that feeds linear layers directly; return them by module."
     _check_alpha(alpha)
     inputs = inputs or smoothing_inputs(block, hidden, kwargs, down_proj, groups)
     factors = {}
     for source, (names, absmax) in inputs.items():
         if source.endswith('up_proj') and not down_proj: continue  # measured, but not asked for
-        if source.endswith('up_proj'): factors[source] = smooth_up_down(block.get_submodule(names[0].removesuffix('.down_proj')), absmax, alpha)
-        else: factors[source] = smooth_norm_linears(block.get_submodule(source), [block.get_submodule(n) for n in names], absmax, alpha)
+        if source.endswith('up_proj'):
+            factors[source] = (smooth_up_down(block.get_submodule(names[0].removesuffix('.down_proj')), absmax, alpha))
+        else:
+            factors[source] = smooth_norm_linears(block.get_submodule(source),
+                                                  [block.get_submodule(n) for n in names], absmax,
+                                                  alpha)
     return factors
 
 @torch.no_grad()
@@ -347,22 +411,30 @@ def smoothing_statistics(model, calibration: torch.Tensor, # (n_samples, seq_len
 
 @torch.no_grad()
 def smooth_model(model, # a decoder-only transformers model (changed in place)
-                 calibration: torch.Tensor|list, # (n_samples, seq_len) token ids, or their `smoothing_statistics`
+                 # (n_samples, seq_len) token ids, or their `smoothing_statistics`
+                 calibration: torch.Tensor|list,
                  alpha: float = 0.5, # migration strength, in [0, 1]
-                 down_proj: bool = False, # also smooth down_proj's input through up_proj (`smooth_up_down`)
+                 # also smooth down_proj's input through up_proj (`smooth_up_down`)
+                 down_proj: bool = False,
                 ) -> dict[str, torch.Tensor]:
     "SmoothQuant every decoder block from the float model's statistics; return the factors by module."
     _check_alpha(alpha)
     prefix, blocks = decoder_blocks(model)
-    statistics = calibration if isinstance(calibration, list) else smoothing_statistics(model, calibration, down_proj)
-    return {f'{prefix}.{index}.{name}': f for index, (block, inputs) in enumerate(zip(blocks, statistics))
+    statistics = calibration if isinstance(calibration,
+                                           list) else smoothing_statistics(model, calibration,
+                                                                           down_proj)
+    return {f'{prefix}.{index}.{name}': f for index,
+            (block, inputs) in enumerate(zip(blocks, statistics))
             for name, f in smooth_block(block, None, None, alpha, down_proj, inputs).items()}
 
 # %% ../nbs/03_outliers.ipynb #732a2c67
-def _smoothquant(linear: nn.Linear, statistics, alpha: float, granularity: str, down_proj: bool) -> W8A8Linear:
+def _smoothquant(linear: nn.Linear, statistics, alpha: float, granularity: str,
+                 down_proj: bool) -> W8A8Linear:
     "After the block was smoothed (`smooth_block`), each layer is plain W8A8."
     return W8A8Linear.from_linear(linear, granularity)
 
-register_method(Method('smoothquant', W8A8Linear, dict(alpha=0.5, granularity='token', down_proj=False), _smoothquant,
+register_method(Method('smoothquant', W8A8Linear,
+                       dict(alpha=0.5, granularity='token', down_proj=False), _smoothquant,
                        needs_calibration=True, prepare_block=smooth_block, sequential=False,
-                       doc='SmoothQuant: per-channel factors folded into the norms (and up_proj), then W8A8'))
+                       doc='SmoothQuant: per-channel factors folded into the norms (and up_proj), '
+                           'then W8A8'))

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .core import replace_linears, check_int, check_tensor, QuantizedLinear, Method, register_method
+from .core import (replace_linears, check_int, check_tensor, QuantizedLinear, Method,
+                              register_method)
 
 # %% auto #0
 __all__ = ['ARCHS', 'NF4_DQ_BITS', 'GGML_BITS', 'FORMATS', 'check_bits', 'qrange', 'scale_zero', 'quantize_codes',
@@ -35,8 +36,10 @@ def qrange(bits: int, # bits per code, 2 to 8
 # %% ../nbs/02_scales.ipynb #09235c76
 def scale_zero(weight: torch.Tensor, # floats; statistics run over the last dimension
                bits: int, # bits per code, 2 to 8
-               symmetric: bool = True, # absmax scale and no zero-point, or min/max scale and a zero-point
-               scale_dtype: torch.dtype|None = None, # round the scale to this dtype first (e.g. float16, as stored)
+               # absmax scale and no zero-point, or min/max scale and a zero-point
+               symmetric: bool = True,
+               # round the scale to this dtype first (e.g. float16, as stored)
+               scale_dtype: torch.dtype|None = None,
                check: bool = True, # check the arguments (inner loops that already did pass False)
               ) -> tuple[torch.Tensor, torch.Tensor|None]:
     "Scale (and zero-point, None if symmetric) per slice of the last dimension, shape `(..., 1)`."
@@ -45,9 +48,11 @@ def scale_zero(weight: torch.Tensor, # floats; statistics run over the last dime
     qmin, qmax = qrange(bits, symmetric)
     if symmetric: scale = weight.abs().amax(-1, keepdim=True) / qmax
     else:
-        lo, hi = weight.amin(-1, keepdim=True).clamp(max=0), weight.amax(-1, keepdim=True).clamp(min=0)
+        lo, hi = (weight.amin(-1, keepdim=True).clamp(max=0),
+                  weight.amax(-1, keepdim=True).clamp(min=0))
         scale = (hi - lo) / (qmax - qmin)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero slice: any positive scale gives codes 0
+    # all-zero slice: any positive scale gives codes 0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if scale_dtype is not None: scale = _round_scale(scale, scale_dtype)
     if symmetric: return scale, None
     return scale, torch.round(-lo / scale).clamp(qmin, qmax)
@@ -56,7 +61,9 @@ def scale_zero(weight: torch.Tensor, # floats; statistics run over the last dime
 def _round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     "Round positive scales *up* to the next `dtype` value (never to 0 or Inf), returned as float32."
     info = torch.finfo(dtype)
-    if scale.max().item() > info.max: raise ValueError(f"a scale of {scale.max().item():.3g} does not fit in {dtype}; the weights are too large")
+    if scale.max().item() > info.max:
+        raise ValueError(f"a scale of {scale.max().item():.3g} does not fit in {dtype}; the "
+                         "weights are too large")
     rounded = scale.clamp(min=info.smallest_normal * info.eps).to(dtype)
     up = torch.nextafter(rounded, torch.full_like(rounded, math.inf))
     return torch.where(rounded.float() < scale, up, rounded).float()
@@ -70,8 +77,10 @@ def quantize_codes(weight: torch.Tensor, # floats, broadcastable against scale a
                   ) -> torch.Tensor:
     "Integer codes `clamp(round(weight/scale + zero))`, round half to even, as int8 (symmetric) or uint8."
     qmin, qmax = qrange(bits, symmetric)
-    inverse = 1 / scale.float()  # multiply by the reciprocal, as torch's kernels do, while it is finite
-    x = weight.float() * inverse if torch.isfinite(inverse).all() else weight.float() / scale.float()
+    # multiply by the reciprocal, as torch's kernels do, while it is finite
+    inverse = 1 / scale.float()
+    x = (weight.float() * inverse if torch.isfinite(inverse).all()
+         else weight.float() / scale.float())
     if zero is not None: x = x + zero.float()
     return torch.round(x).clamp(qmin, qmax).to(torch.int8 if symmetric else torch.uint8)
 
@@ -119,7 +128,8 @@ class QuantizedWeight:
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         "The float weight this stands for."
         zero = None if self.zero is None else self.zero[..., None]
-        return dequantize_codes(_groups(self.codes, self.group_size), self.scale[..., None], zero).reshape(self.shape).to(dtype)
+        return dequantize_codes(_groups(self.codes, self.group_size), self.scale[..., None],
+                                zero).reshape(self.shape).to(dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         "What is stored: the codes packed `bits` to a code, the float16 scales, the packed zero-points."
@@ -141,7 +151,8 @@ class QuantizedWeight:
 
     def config(self) -> dict:
         "The settings that, with `tensors()`, rebuild this weight (`from_tensors`)."
-        return dict(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, shape=list(self.shape))
+        return dict(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
+                    shape=list(self.shape))
 
     @classmethod
     def from_tensors(cls, tensors: dict, config: dict) -> QuantizedWeight:
@@ -149,13 +160,15 @@ class QuantizedWeight:
         bits, shape, symmetric = config['bits'], tuple(config['shape']), config['symmetric']
         codes = unpack(tensors['qweight'], bits, math.prod(shape), signed=symmetric).view(shape)
         scale = tensors['scale']
-        zero = None if symmetric else unpack(tensors['qzeros'], bits, scale.numel()).view(scale.shape)
+        zero = None if symmetric else unpack(tensors['qzeros'], bits,
+                                             scale.numel()).view(scale.shape)
         return cls(codes, scale, zero, bits, config['group_size'], symmetric, shape)
 
 # %% ../nbs/02_scales.ipynb #131b1bb8
 def quantize_weight(weight: torch.Tensor, # (out_features, in_features), floating point
                     bits: int = 4, # bits per code, 2 to 8
-                    group_size: int|str = 'channel', # weights per scale along in_features, 'channel' (one per row) or 'tensor'
+                    # weights per scale along in_features, 'channel' (one per row) or 'tensor'
+                    group_size: int|str = 'channel',
                     symmetric: bool = True, # absmax (no zero-point) or min/max with a zero-point
                    ) -> QuantizedWeight:
     "Round-to-nearest quantization of `weight` with float16 scales at the chosen granularity."
@@ -163,12 +176,14 @@ def quantize_weight(weight: torch.Tensor, # (out_features, in_features), floatin
     grouped = _groups(weight.detach().float(), group_size)
     scale, zero = scale_zero(grouped, bits, symmetric, torch.float16, check=False)
     codes = quantize_codes(grouped, scale, zero, bits, symmetric).reshape(weight.shape)
-    return QuantizedWeight(codes, scale[..., 0].half(), None if zero is None else zero[..., 0].to(torch.uint8),
+    return QuantizedWeight(codes, scale[..., 0].half(),
+                           None if zero is None else zero[..., 0].to(torch.uint8),
                            bits, group_size, symmetric, tuple(weight.shape))
 
 # %% ../nbs/02_scales.ipynb #1e057f5e
 def fake_quantize(weight: torch.Tensor, # floating-point weight, (out_features, in_features)
-                  bits: int = 4, group_size: int|str = 'channel', symmetric: bool = True) -> torch.Tensor:
+                  bits: int = 4, group_size: int|str = 'channel',
+                  symmetric: bool = True) -> torch.Tensor:
     "Quantize then dequantize: the weight a quantized layer computes with, in `weight`'s shape and dtype."
     return quantize_weight(weight, bits, group_size, symmetric).dequantize(weight.dtype)
 
@@ -181,11 +196,13 @@ def bits_per_weight(bits: int, # bits per code
                     out_features: int|None = None, # rows; needed only for 'tensor'
                    ) -> float:
     "Bits stored per weight, counting the codes and each group's scale and zero-point."
-    check_int(bits, 'bits', 1); check_int(in_features, 'in_features', 1); check_int(scale_bits, 'scale_bits', 0)
+    check_int(bits, 'bits', 1); check_int(in_features, 'in_features', 1); check_int(scale_bits,
+                                                                                    'scale_bits', 0)
     if zero_bits is not None: check_int(zero_bits, 'zero_bits', 0)
     if group_size not in ('tensor', 'channel'): check_int(group_size, 'group_size', 1)
     if group_size == 'tensor':
-        if out_features is None: raise ValueError("group_size='tensor' needs out_features to spread the scale over")
+        if out_features is None:
+            raise ValueError("group_size='tensor' needs out_features to spread the scale over")
         group = in_features * out_features
     else: group = in_features if group_size == 'channel' else group_size
     return bits + (scale_bits + (zero_bits or 0)) / group
@@ -196,7 +213,8 @@ def pack(codes: torch.Tensor, # integer codes in [0, 2**bits) or [-2**(bits-1), 
         ) -> torch.Tensor:
     "Pack codes (flattened) into a uint8 tensor of `ceil(numel/8) * bits` bytes."
     check_bits(bits)
-    if codes.is_floating_point() or codes.dtype == torch.bool: raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
+    if codes.is_floating_point() or codes.dtype == torch.bool:
+        raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
     flat = codes.flatten().to(torch.int16)
     if flat.numel() and (flat.min() < -2**(bits - 1) or flat.max() >= 2**bits):
         raise ValueError(f"codes must lie in [-{2**(bits-1)}, {2**bits - 1}] to fit in bits={bits}")
@@ -206,8 +224,10 @@ def pack(codes: torch.Tensor, # integer codes in [0, 2**bits) or [-2**(bits-1), 
         out = per_byte[:, 0].clone()
         for i in range(1, 8 // bits): out |= per_byte[:, i] << (bits * i)
         return out
-    word = (flat.view(-1, 8).to(torch.int64) << (bits * torch.arange(8, device=flat.device))).sum(1)  # 8 codes -> one 8*bits-bit integer
-    return ((word[:, None] >> (8 * torch.arange(bits, device=flat.device))) & 255).to(torch.uint8).flatten()
+    # 8 codes -> one 8*bits-bit integer
+    word = (flat.view(-1, 8).to(torch.int64) << (bits * torch.arange(8, device=flat.device))).sum(1)
+    return (((word[:, None] >> (8 * torch.arange(bits, device=flat.device))) & 255)
+            .to(torch.uint8).flatten())
 
 # %% ../nbs/02_scales.ipynb #cbd1eb9b
 def unpack(packed: torch.Tensor, # uint8 bytes from `pack`
@@ -217,13 +237,19 @@ def unpack(packed: torch.Tensor, # uint8 bytes from `pack`
           ) -> torch.Tensor:
     "The first `numel` codes stored in `packed`, as uint8 (or int8 if `signed`)."
     check_bits(bits)
-    if packed.dtype != torch.uint8: raise TypeError(f"packed must be a uint8 tensor, got {packed.dtype}")
-    if packed.numel() != -(-numel // 8) * bits: raise ValueError(f"packed holds {packed.numel()} bytes; numel={numel} codes of {bits} bits need {-(-numel // 8) * bits}")
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be a uint8 tensor, got {packed.dtype}")
+    if packed.numel() != -(-numel // 8) * bits:
+        raise ValueError(f"packed holds {packed.numel()} bytes; numel={numel} codes of {bits} "
+                         f"bits need {-(-numel // 8) * bits}")
     arange = lambda n, dtype: torch.arange(n, device=packed.device, dtype=dtype)
-    if 8 % bits == 0: codes = ((packed[:, None] >> arange(8 // bits, torch.uint8) * bits) & (2**bits - 1)).flatten()[:numel]
+    if 8 % bits == 0:
+        codes = ((packed[:, None] >> arange(8 // bits, torch.uint8)
+                  * bits) & (2**bits - 1)).flatten()[:numel]
     else:
         word = (packed.view(-1, bits).to(torch.int64) << (8 * arange(bits, torch.int64))).sum(1)
-        codes = ((word[:, None] >> (bits * arange(8, torch.int64))) & (2**bits - 1)).flatten()[:numel]
+        codes = (((word[:, None] >> (bits * arange(8, torch.int64))) & (2**bits - 1))
+                 .flatten()[:numel])
     codes = codes.to(torch.int16)
     if signed: codes = torch.where(codes >= 2**(bits - 1), codes - 2**bits, codes)
     return codes.to(torch.int8 if signed else torch.uint8)
@@ -232,46 +258,59 @@ def unpack(packed: torch.Tensor, # uint8 bytes from `pack`
 class QuantLinear(QuantizedLinear):
     "An `nn.Linear` whose weight is stored as packed b-bit codes with float16 group scales (and zero-points)."
     method = 'rtn'
-    def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int|str = 'channel',
+    def __init__(self, in_features: int, out_features: int, bits: int = 4,
+                 group_size: int|str = 'channel',
                  symmetric: bool = False, bias: bool = True):
         super().__init__(in_features, out_features, bias)
         check_bits(bits); check_group_size(group_size, in_features)
-        if not isinstance(symmetric, bool): raise TypeError(f"symmetric must be True or False, got {symmetric!r}")
+        if not isinstance(symmetric, bool):
+            raise TypeError(f"symmetric must be True or False, got {symmetric!r}")
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
-        rows, groups, _ = _groups(torch.empty(out_features, in_features, device='meta'), group_size).shape
-        codes = torch.zeros(out_features, in_features, dtype=torch.int8 if symmetric else torch.uint8)
+        rows, groups, _ = _groups(torch.empty(out_features, in_features, device='meta'),
+                                  group_size).shape
+        codes = torch.zeros(out_features, in_features,
+                            dtype=torch.int8 if symmetric else torch.uint8)
         zero = None if symmetric else torch.zeros(rows, groups, dtype=torch.uint8)
-        empty = QuantizedWeight(codes, torch.ones(rows, groups, dtype=torch.float16), zero, bits, group_size, symmetric, codes.shape)
+        empty = QuantizedWeight(codes, torch.ones(rows, groups, dtype=torch.float16), zero, bits,
+                                group_size, symmetric, codes.shape)
         for name, tensor in empty.tensors().items(): self.register_buffer(name, tensor)
         self._seal()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int|str = 'channel', symmetric: bool = False):
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int|str = 'channel',
+                    symmetric: bool = False):
         "Quantize an `nn.Linear` by round-to-nearest."
-        return cls.from_weight(quantize_weight(linear.weight, bits, group_size, symmetric), linear.bias)
+        return cls.from_weight(quantize_weight(linear.weight, bits, group_size, symmetric),
+                               linear.bias)
 
     @classmethod
     def from_weight(cls, q: QuantizedWeight, bias: torch.Tensor|None = None):
         "Wrap an already quantized weight (from any method that produces a `QuantizedWeight`)."
         out_features, in_features = q.shape
-        layer = cls(in_features, out_features, q.bits, q.group_size, q.symmetric, bias is not None).to(q.codes.device)
+        layer = cls(in_features, out_features, q.bits, q.group_size, q.symmetric,
+                    bias is not None).to(q.codes.device)
         for name, tensor in q.tensors().items(): getattr(layer, name).copy_(tensor)
         if bias is not None: layer.bias.copy_(bias.detach().float())
         return layer
 
-    def settings(self) -> dict: return dict(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+    def settings(self) -> dict:
+        return dict(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
 
     def weight(self) -> QuantizedWeight:
         "The stored weight, unpacked."
         tensors = dict(qweight=self.qweight, scale=self.scale, qzeros=getattr(self, 'qzeros', None))
-        return QuantizedWeight.from_tensors(tensors, dict(self.settings(), shape=[self.out_features, self.in_features]))
+        return QuantizedWeight.from_tensors(tensors, dict(self.settings(),
+                                                          shape=[self.out_features,
+                                                                 self.in_features]))
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight().dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, self.weight().dequantize(x.dtype),
+                        None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size!r}, symmetric={self.symmetric}, bias={self.bias is not None}")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.bits}, group_size={self.group_size!r}, symmetric={self.symmetric}, "
+                f"bias={self.bias is not None}")
 
 # %% ../nbs/02_scales.ipynb #adce9e71
 def _rtn(linear: nn.Linear, statistics, bits: int, group_size, symmetric: bool) -> QuantLinear:
@@ -301,35 +340,48 @@ class Arch:
     def linears(self) -> list[tuple[str, int, int]]:
         "`(kind, out_features, in_features)` of the seven linear layers of one block."
         q, kv = self.heads * self.dim, self.kv_heads * self.dim
-        return [('q', q, self.hidden), ('k', kv, self.hidden), ('v', kv, self.hidden), ('o', self.hidden, q),
-                ('gate', self.intermediate, self.hidden), ('up', self.intermediate, self.hidden), ('down', self.hidden, self.intermediate)]
+        return [('q', q, self.hidden), ('k', kv, self.hidden), ('v', kv, self.hidden),
+                ('o', self.hidden, q),
+                ('gate', self.intermediate, self.hidden), ('up', self.intermediate, self.hidden),
+                ('down', self.hidden, self.intermediate)]
 
     @property
     def n_params(self) -> int:
         "Number of parameters: block linears, two norms per block, the final norm, embedding and (untied) head."
         block = sum(o * i for _, o, i in self.linears()) + 2 * self.hidden
-        return self.layers * block + self.hidden + self.vocab * self.hidden * (1 if self.tied else 2)
+        return self.layers * block + self.hidden + self.vocab * self.hidden * (1 if self.tied
+                                                                               else 2)
 
 # %% ../nbs/02_scales.ipynb #37593eb3
 def arch_from_config(config, name: str|None = None) -> Arch:
     "An `Arch` from a transformers config of a Llama-style model (Llama, Mistral, Qwen2, SmolLM, ...)."
     get = lambda key, default=None: getattr(config, key, default)
     hidden, heads = get('hidden_size'), get('num_attention_heads')
-    head_dim = get('head_dim') if get('head_dim') not in (None, hidden // heads) else None  # only when it is not the default
-    return Arch(name or get('name_or_path') or get('model_type'), get('num_hidden_layers'), hidden, get('intermediate_size'),
-                heads, get('num_key_value_heads') or heads, get('vocab_size'), bool(get('tie_word_embeddings', False)), head_dim)
+    # only when it is not the default
+    head_dim = get('head_dim') if get('head_dim') not in (None, hidden // heads) else None
+    return Arch(name or get('name_or_path') or get('model_type'), get('num_hidden_layers'), hidden,
+                get('intermediate_size'),
+                heads, get('num_key_value_heads') or heads, get('vocab_size'),
+                bool(get('tie_word_embeddings', False)), head_dim)
 
 # %% ../nbs/02_scales.ipynb #f4a46ab6
 ARCHS = {a.name: a for a in [  # from each model's published config.json
-    Arch('Llama-3 8B', layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256, tied=False),
-    Arch('Llama-3 70B', layers=80, hidden=8192, intermediate=28672, heads=64, kv_heads=8, vocab=128256, tied=False),
-    Arch('Mistral 7B', layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=32000, tied=False),
-    Arch('SmolLM2-135M', layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152, tied=True)]}
+    Arch('Llama-3 8B', layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8,
+         vocab=128256, tied=False),
+    Arch('Llama-3 70B', layers=80, hidden=8192, intermediate=28672, heads=64, kv_heads=8,
+         vocab=128256, tied=False),
+    Arch('Mistral 7B', layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8,
+         vocab=32000, tied=False),
+    Arch('SmolLM2-135M', layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152,
+         tied=True)]}
 
 # %% ../nbs/02_scales.ipynb #ca3dc390
-NF4_DQ_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # NF4 codes + 8-bit absmax per 64 + fp32 scale per 256 absmaxes (QLoRA) = 4.127
-GGML_BITS = {'Q4_K': 144 * 8 / 256, 'Q5_K': 176 * 8 / 256, 'Q6_K': 210 * 8 / 256,  # bytes per 256-weight super-block
-             'Q5_0': 22 * 8 / 32, 'Q5_1': 24 * 8 / 32, 'Q8_0': 34 * 8 / 32}         # bytes per 32-weight block
+# NF4 codes + 8-bit absmax per 64 + fp32 scale per 256 absmaxes (QLoRA) = 4.127
+NF4_DQ_BITS = 4 + 8 / 64 + 32 / (64 * 256)
+# bytes per 256-weight super-block
+GGML_BITS = {'Q4_K': 144 * 8 / 256, 'Q5_K': 176 * 8 / 256, 'Q6_K': 210 * 8 / 256,
+             # bytes per 32-weight block
+             'Q5_0': 22 * 8 / 32, 'Q5_1': 24 * 8 / 32, 'Q8_0': 34 * 8 / 32}
 _K_FALLBACK = {'Q4_K': 'Q5_0', 'Q5_K': 'Q5_1', 'Q6_K': 'Q8_0'}  # llama.cpp's tensor_type_fallback
 
 def _use_more_bits(layer: int, layers: int) -> bool:
@@ -347,14 +399,16 @@ def q4_k_m_type(kind: str, layer: int|None, in_features: int, arch: Arch) -> str
 # %% ../nbs/02_scales.ipynb #53413575
 def _linears_only(linear_bits):
     "A format that stores block linears with `linear_bits(in_features)` and keeps the embedding and head in float16."
-    return lambda kind, layer, in_features, arch: 16.0 if kind in ('embedding', 'head') else linear_bits(in_features)
+    return lambda kind, layer, in_features, arch: 16.0 if kind in ('embedding',
+                                                                   'head') else linear_bits(in_features)
 
 FORMATS = {  # name -> bits(kind, layer, in_features, arch) for one tensor
     'FP16': lambda kind, layer, in_features, arch: 16.0,
     'INT8': _linears_only(lambda in_features: bits_per_weight(8, 'channel', in_features)),
     'INT4 g128': _linears_only(lambda in_features: bits_per_weight(4, 128, in_features)),
     'NF4 + DQ': _linears_only(lambda in_features: NF4_DQ_BITS),
-    'Q4_K_M': lambda kind, layer, in_features, arch: GGML_BITS[q4_k_m_type(kind, layer, in_features, arch)],
+    'Q4_K_M': lambda kind, layer, in_features,
+    arch: GGML_BITS[q4_k_m_type(kind, layer, in_features, arch)],
 }
 
 # %% ../nbs/02_scales.ipynb #f53646de
@@ -366,16 +420,20 @@ def memory_estimate(arch: Arch|str, # an `Arch` or a key of `ARCHS`
                    ) -> dict:
     "Bytes of weights (by part) and of the KV cache for `arch` stored in `fmt`."
     if isinstance(arch, str):
-        if arch not in ARCHS: raise ValueError(f"arch {arch!r} is unknown; use one of {list(ARCHS)} or an Arch")
+        if arch not in ARCHS:
+            raise ValueError(f"arch {arch!r} is unknown; use one of {list(ARCHS)} or an Arch")
         arch = ARCHS[arch]
     if fmt not in FORMATS: raise ValueError(f"fmt {fmt!r} is unknown; use one of {list(FORMATS)}")
     check_int(context, 'context', 1); check_int(batch, 'batch', 1); check_int(kv_bits, 'kv_bits', 1)
     bits = FORMATS[fmt]
-    linear = sum(o * i * bits(kind, layer, i, arch) for layer in range(arch.layers) for kind, o, i in arch.linears()) / 8
+    linear = sum(o * i * bits(kind, layer, i, arch) for layer in range(arch.layers) for kind, o,
+                 i in arch.linears()) / 8
     embedding = arch.vocab * arch.hidden * bits('embedding', None, arch.hidden, arch) / 8
-    head = 0.0 if arch.tied else arch.vocab * arch.hidden * bits('head', None, arch.hidden, arch) / 8
+    head = 0.0 if arch.tied else arch.vocab * arch.hidden * bits('head', None, arch.hidden,
+                                                                 arch) / 8
     norms = (2 * arch.layers + 1) * arch.hidden * 4  # float32
     weights = linear + embedding + head + norms
     kv_cache = 2 * arch.layers * arch.kv_heads * arch.dim * context * batch * kv_bits / 8
-    return dict(linear=linear, embedding=embedding, head=head, norms=norms, weights=weights, kv_cache=kv_cache,
+    return dict(linear=linear, embedding=embedding, head=head, norms=norms, weights=weights,
+                kv_cache=kv_cache,
                 total=weights + kv_cache, bits_per_weight=8 * weights / arch.n_params)
