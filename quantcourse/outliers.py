@@ -17,9 +17,10 @@ from .scales import scale_zero, quantize_codes, quantize_weight, QuantizedWeight
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['EXACT_BLOCK', 'GRANULARITIES', 'ChannelStats', 'input_stats', 'int8_matmul', 'quantize_activations', 'W8A8Linear',
-           'int8_vectorwise_quant', 'RowwiseInt8Weight', 'LLMInt8Linear', 'smooth_scales', 'smooth_norm_linears',
-           'smooth_up_down', 'smoothing_inputs', 'smooth_block', 'smoothing_statistics', 'smooth_model']
+__all__ = ['EXACT_BLOCK', 'GRANULARITIES', 'FLOAT16_MAX', 'ChannelStats', 'input_stats', 'int8_matmul', 'quantize_activations',
+           'W8A8Linear', 'int8_vectorwise_quant', 'RowwiseInt8Weight', 'LLMInt8Linear', 'smooth_scales',
+           'smooth_norm_linears', 'smooth_up_down', 'smoothing_inputs', 'smooth_block', 'smoothing_statistics',
+           'smooth_model']
 
 # %% ../nbs/03_outliers.ipynb #de3bd315
 @dataclass
@@ -199,6 +200,19 @@ def int8_vectorwise_quant(x: torch.Tensor, # (rows, columns) floats; bitsandbyte
     return codes, absmax, columns
 
 # %% ../nbs/03_outliers.ipynb #6a9855be
+FLOAT16_MAX = torch.finfo(torch.float16).max
+
+def _as_float16(rows: torch.Tensor, threshold: float|None) -> torch.Tensor:
+    "The float16 rows the INT8 path quantizes; finite values beyond float16 can only be outliers."
+    _check_finite(rows, 'input')
+    beyond = rows.abs() > FLOAT16_MAX
+    if beyond.any() and (threshold is None or threshold > FLOAT16_MAX):
+        raise ValueError(f"the input holds {beyond.sum().item()} value(s) beyond float16's range "
+                         f"(|x| > {FLOAT16_MAX:g}), which the INT8 path cannot scale; give a "
+                         "threshold <= 65504 (6.0 is LLM.int8()'s) so their columns go the 16-bit way")
+    # bitsandbytes casts them to inf, which is >= any threshold: clamping keeps every comparison
+    return rows.clamp(-FLOAT16_MAX, FLOAT16_MAX).half()
+
 @dataclass(eq=False)
 class RowwiseInt8Weight:
     "LLM.int8()'s stored weight: INT8 codes per row and each row's float32 absmax (bitsandbytes' `CB` and `SCB`)."
@@ -253,7 +267,8 @@ class LLMInt8Linear(QuantizedLinear):
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        codes, row_absmax, columns = int8_vectorwise_quant(rows.half(), self.threshold)
+        codes, row_absmax, columns = int8_vectorwise_quant(_as_float16(rows, self.threshold),
+                                                           self.threshold)
         y = int8_matmul(codes, self.weight_codes).float() * (row_absmax[:, None]
                                                              * self.weight_absmax[None]) / 127**2
         if self.bias is not None: y = y + self.bias

@@ -88,6 +88,25 @@ def test_llm_int8_layer_matches_linear8bitlt(threshold, dtype):
     if threshold: assert (ours.calls, ours.columns_in_16bit) == (1, len(theirs.state.idx)) == (1, 3)
 
 
+def test_llm_int8_activations_beyond_float16_go_the_16bit_way_as_in_bitsandbytes():
+    # bitsandbytes casts the input to float16 (|x| > 65504 becomes inf, which is >= any threshold), so such a
+    # column is an outlier and is multiplied in the input's own dtype: finite, and the same as ours
+    torch.manual_seed(2)
+    linear = nn.Linear(64, 32)
+    x = activations(16, 64, 1, outlier_cols=(5,), scale=3.0)
+    x[3, 5], x[7, 40] = 1e6, -7e4  # both beyond float16's range, in two columns
+    ours, theirs = LLMInt8Linear.from_linear(linear, 6.0), bnb_layer(linear, 6.0)
+    with torch.no_grad(): y_ours, y_theirs = ours(x), theirs(x)
+    assert torch.isfinite(y_ours).all() and sorted(theirs.state.idx.tolist()) == [5, 40]
+    assert ours.columns_in_16bit == 2
+    torch.testing.assert_close(y_ours, y_theirs, atol=0.03, rtol=1e-4)
+    with torch.no_grad(): exact = linear(x)
+    # the 16-bit columns still use the INT8 weight, so its rounding (about 0.4% here) scales with the 1e6
+    assert ((y_ours - exact).abs().max() / exact.abs().max()).item() < 1e-2
+    with pytest.raises(ValueError, match="beyond float16's range.*give a threshold"):
+        LLMInt8Linear.from_linear(linear, None)(x)
+
+
 def test_llm_int8_3d_input_and_decomposition_helps():
     torch.manual_seed(1)
     linear = nn.Linear(128, 64)
