@@ -38,7 +38,7 @@ class QuantReport:
         return 8 * self.bytes / self.weights if self.rows else float('nan')
 
     def to_frame(self):
-        "The per-layer rows as a pandas DataFrame indexed by layer (the settings, the same for all, left out)."
+        "The per-layer rows as a DataFrame indexed by layer (not the settings, the same for all)."
         import pandas as pd
         return pd.DataFrame([{k: v for k, v in r.items() if k != 'settings'}
                              for r in self.rows]).set_index('layer')
@@ -69,13 +69,13 @@ def _settings(spec, config: dict) -> dict:
     return {**spec.defaults, **config}
 
 def _accepted(function, settings: dict) -> dict:
-    "The settings that `function` takes as keyword arguments (all of them if it takes `**settings`)."
+    "The settings `function` takes as keyword arguments (all of them if it takes `**settings`)."
     parameters = inspect.signature(function).parameters
     if any(p.kind is p.VAR_KEYWORD for p in parameters.values()): return dict(settings)
     return {k: v for k, v in settings.items() if k in parameters}
 
 def _check_calibration(calibration, spec):
-    "Raise unless `calibration` is None (allowed when the method needs none) or a non-empty 2-D tensor of token ids."
+    "Raise unless `calibration` is a non-empty 2-D tensor of token ids (or None if none is needed)."
     if calibration is None:
         if spec.needs_calibration:
             raise ValueError(f"{spec.name} needs calibration=... token ids, (n_samples, seq_len); "
@@ -93,7 +93,7 @@ def _check_calibration(calibration, spec):
 
 # %% ../nbs/20_api.ipynb #022bff57
 def _targets(model, prefix: str, blocks, names) -> dict[int, list[str]]:
-    "The linears to quantize, by block index, as names inside their block; `names` (full names) checked first."
+    "Linears to quantize by block index, named in their block; `names` (full names) checked first."
     inside = {i: linear_names(block) for i, block in enumerate(blocks)}
     if names is None: return inside
     wanted, found = set(names), {f'{prefix}.{i}.{n}' for i, ns in inside.items() for n in ns}
@@ -105,7 +105,7 @@ def _targets(model, prefix: str, blocks, names) -> dict[int, list[str]]:
             ns in inside.items() if any(f'{prefix}.{i}.{n}' in wanted for n in ns)}
 
 def _check_layers(blocks, targets: dict, prefix: str, spec, settings: dict):
-    "Build an empty layer of the method for every target with these settings: any refusal comes before any change."
+    "Build an empty layer of the method per target with these settings: refuse before any change."
     layer_settings = _accepted(spec.layer.__init__, settings)
     for i, inside in targets.items():
         for name in inside:
@@ -126,7 +126,7 @@ def _set_module(root: nn.Module, name: str, module: nn.Module):
 
 @torch.no_grad()
 def _relative_error(reference: nn.Linear, layer: nn.Module, x: torch.Tensor) -> float:
-    "Squared output error of `layer` relative to the squared output of the float `reference`, on the rows of `x`."
+    "Squared output error of `layer` over the float `reference`'s squared output, on rows of `x`."
     # not reference(x): it carries hooks
     expected = nn.functional.linear(x, reference.weight, reference.bias).float()
     return ((layer(x).float() - expected).pow(2).sum()
@@ -144,7 +144,7 @@ def _row(name: str, spec, settings: dict, layer, seconds: float) -> dict:
 def _quantize_block(block, inside: list[str], spec, settings: dict, full_name, rows: list,
                     hidden=None, kwargs=None,
                     groups=None):
-    "Quantize the linears `inside` of `block` in place; given `hidden`, on the inputs they see. Return the block's output."
+    "Quantize linears `inside` of `block` in place, on their inputs if `hidden`; return its output."
     quantize_settings = _accepted(spec.quantize, settings)
     def make(name, statistics, sample):
         linear, start = block.get_submodule(name), time.perf_counter()
@@ -154,8 +154,9 @@ def _quantize_block(block, inside: list[str], spec, settings: dict, full_name, r
             row['error'] = _relative_error(linear, layer, sample)
             if spec.baseline:  # e.g. round-to-nearest on the very same inputs
                 base = METHODS[spec.baseline]
-                row[f'{base.name}_error'] = _relative_error(linear, base.quantize(linear, None,
-                                                                                  **_accepted(base.quantize, settings)), sample)
+                row[f'{base.name}_error'] = _relative_error(
+                    linear, base.quantize(linear, None, **_accepted(base.quantize, settings)),
+                    sample)
         rows.append(row); _set_module(block, name, layer)
     if hidden is None:
         for name in inside: make(name, None, None)
@@ -192,7 +193,7 @@ def quantize_model(
     names: list[str]|None = None,
     progress: bool = True, # a progress bar over the blocks
     **config) -> QuantReport:
-    "Quantize the linear layers of `model`'s decoder blocks with `method`, block after block; report on every layer."
+    "Quantize `model`'s decoder-block linears with `method`, block by block; report on every layer."
     from tqdm.auto import tqdm
     spec = _method(method); settings = _settings(spec, config)
     calibration = _check_calibration(calibration, spec)
@@ -224,7 +225,7 @@ def quantize_model(
 
 # %% ../nbs/20_api.ipynb #13c2a9ad
 def save_quantized(model, path: str|Path) -> Path:
-    "Write all of `model`'s tensors to one safetensors file, with every quantized layer's `config()` in its metadata."
+    "Write `model`'s tensors to a safetensors file, each quantized layer's `config()` in metadata."
     from safetensors.torch import save_model
     layers = {n: m.config() for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     if not layers:
@@ -237,7 +238,7 @@ def save_quantized(model, path: str|Path) -> Path:
 
 # %% ../nbs/20_api.ipynb #360e1a37
 def _saved_layers(path) -> tuple[dict, str|None]:
-    "The layer configs and the base model that `save_quantized` wrote into the file's metadata; a clear error if not."
+    "The layer configs and base model `save_quantized` put in the metadata; a clear error if not."
     from safetensors import safe_open
     try:
         with safe_open(str(path), 'pt') as f: header = (f.metadata() or {}).get('quantcourse')
@@ -255,7 +256,7 @@ def load_quantized(
     # a float model of the same architecture (None: load the base model the file names)
     model=None,
 ):
-    "Rebuild in `model` the quantized layers saved in `path` and load every tensor; nothing is unpickled."
+    "Rebuild in `model` the quantized layers saved in `path`, load all tensors; no unpickling."
     from safetensors.torch import load_model as load_tensors
     layers, base = _saved_layers(path)
     if model is None:

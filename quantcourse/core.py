@@ -125,7 +125,7 @@ def load_model(
     dtype=torch.float32, # dtype of the weights
     device=None, # where to put the model; None: `default_device()`
 ):
-    "Return `(model, tokenizer)` in eval mode: the course model offline by default, or any causal LM."
+    "`(model, tokenizer)` in eval mode: the course model offline by default, or any causal LM."
     with _quiet_transformers(): return _load_model(name_or_path, dtype, device)
 
 def _load_model(name_or_path, dtype, device):
@@ -151,14 +151,14 @@ TEXT_PACKAGE = 'r-cran-janeaustenr'
 _RDATA = Path('usr/lib/R/site-library/janeaustenr/data')
 
 def text_dir() -> Path|None:
-    "Folder holding janeaustenr's `Rdata.rdb/.rdx`: the cache's copy, else a system-wide install, else None."
+    "Folder with janeaustenr's `Rdata.rdb/.rdx`: the cache's, else a system install, else None."
     for root in (cache_dir()/'janeaustenr', Path('/')):
         if (root/_RDATA/'Rdata.rdx').exists(): return root/_RDATA
     return None
 
 # %% ../nbs/00_core.ipynb #f394297b
 def fetch_text() -> Path:
-    "Download Debian's `r-cran-janeaustenr` into the cache (if absent) and unpack it; return its data folder."
+    "Fetch, unpack Debian's `r-cran-janeaustenr` into the cache if absent; return its data folder."
     if (found := text_dir()) is not None: return found
     dest = cache_dir()/'janeaustenr'; dest.mkdir(exist_ok=True)
     download = ['apt-get', 'download', TEXT_PACKAGE]
@@ -234,7 +234,7 @@ def eval_tokens(tokenizer, n_tokens: int|None = None, # None: the whole novel
 # %% ../nbs/00_core.ipynb #ed1e51f4
 def calibration_samples(tokenizer, n_samples: int, seq_len: int, seed: int = 0,
                         novels: tuple = CALIBRATION_NOVELS) -> torch.Tensor:
-    "`n_samples` random windows of `seq_len` tokens from the calibration novels, as an (n_samples, seq_len) tensor."
+    "An (n_samples, seq_len) tensor of random `seq_len`-token windows from the calibration novels."
     if EVALUATION_NOVEL in novels:
         raise ValueError(f"novels must not include the evaluation novel {EVALUATION_NOVEL!r}")
     tokens = torch.cat([tokenize_text(tokenizer, n) for n in novels])
@@ -253,7 +253,7 @@ def _check_context(model, context: int):
 
 # %% ../nbs/00_core.ipynb #21fce32d
 def _windows(tokens: torch.Tensor, context: int) -> list[torch.Tensor]:
-    "Consecutive non-overlapping windows of `context` tokens (the last may be shorter, never below 2)."
+    "Consecutive disjoint windows of `context` tokens (the last may be shorter, never below 2)."
     tokens = tokens.flatten()
     if len(tokens) < 2: raise ValueError("tokens must hold at least 2 tokens")
     return [w for w in (tokens[i:i+context] for i in range(0, len(tokens) - 1, context))
@@ -315,7 +315,7 @@ def linear_names(model, include_head: bool = False) -> list[str]:
 @contextlib.contextmanager
 def capture_inputs(model, names: list[str], # modules whose inputs to record
                    to_cpu: bool = True):
-    "Context manager yielding `{name: [input tensors]}`, filled by every forward pass inside the block."
+    "Context manager yielding `{name: [input tensors]}`, filled by the forward passes inside it."
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
     if missing:
@@ -332,7 +332,7 @@ def capture_inputs(model, names: list[str], # modules whose inputs to record
 # %% ../nbs/00_core.ipynb #3d464e53
 def replace_linears(model, make, # make(name, linear) -> the module to put in its place
                     names: list[str]|None = None) -> list[str]:
-    "Replace chosen `nn.Linear` modules of `model` in place by `make(name, linear)`; return the names replaced."
+    "Replace chosen `nn.Linear`s of `model` in place by `make(name, linear)`; return their names."
     names = linear_names(model) if names is None else names
     for name in names:
         parent_name, _, child = name.rpartition('.')
@@ -342,7 +342,7 @@ def replace_linears(model, make, # make(name, linear) -> the module to put in it
 
 # %% ../nbs/00_core.ipynb #a27185ab
 def model_size_bytes(model) -> int:
-    "Bytes of all parameters and buffers of `model`, counting shared storage once (and no layer's `qconfig` record)."
+    "Bytes of `model`'s parameters and buffers, shared storage counted once (no `qconfig` records)."
     seen, total = set(), 0
     tensors = list(model.parameters()) + [b for n, b in model.named_buffers()
                                           if n.rsplit('.', 1)[-1] != 'qconfig']
@@ -354,7 +354,7 @@ def model_size_bytes(model) -> int:
 # %% ../nbs/00_core.ipynb #9e443fef
 def check_int(value, name: str, # the argument's name, for the message
               low: int|None = None, high: int|None = None) -> int:
-    "`value` if it is an int (not a bool) within `[low, high]`; else a TypeError or ValueError naming `name`."
+    "`value` if an int (not a bool) in `[low, high]`; else a TypeError or ValueError naming `name`."
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
     if (low is not None and value < low) or (high is not None and value > high):
@@ -365,7 +365,7 @@ def check_int(value, name: str, # the argument's name, for the message
     return value
 
 def check_number(value, name: str, low: float|None = None, high: float|None = None) -> float:
-    "`value` as a float if it is a finite real number (not a bool) within `[low, high]`; else an error naming `name`."
+    "`value` as a float if a finite real (not bool) in `[low, high]`; else an error naming `name`."
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r} of type {type(value).__name__}")
     if not math.isfinite(value) or (low is not None and value < low) or (high is not None
@@ -387,7 +387,7 @@ def check_tensor(x, name: str, # the argument's name, for the message
                  finite: bool = True, # must hold no NaN or Inf
                  nonempty: bool = True, # must have at least one dimension and one element
                 ) -> torch.Tensor:
-    "`x` if it is a tensor of the kind asked for; else a TypeError or ValueError naming `name` and the fix."
+    "`x` if a tensor of the kind asked; else a TypeError or ValueError naming `name` and the fix."
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if floating and not x.is_floating_point():
@@ -406,7 +406,7 @@ def check_tensor(x, name: str, # the argument's name, for the message
 
 # %% ../nbs/00_core.ipynb #46976d88
 def decoder_blocks(model) -> tuple[str, nn.ModuleList]:
-    "Name and `nn.ModuleList` of a decoder's repeated blocks: the longest list of same-class modules with linears."
+    "Name and `nn.ModuleList` of the blocks: the longest list of same-class modules with linears."
     lists = [(name, m) for name,
              m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)
              and len({type(b) for b in m}) == 1
@@ -423,7 +423,7 @@ class _StopForward(Exception): "Raised by a hook once everything needed has been
 @torch.no_grad()
 def block_inputs(model, tokens: torch.Tensor, # (n_samples, seq_len) token ids
                 ) -> tuple[torch.Tensor, list[dict]]:
-    "The hidden states entering the first block, and the keyword arguments the model passes to *each* block."
+    "The hidden states entering the first block, and the keyword arguments given to *each* block."
     _, blocks = decoder_blocks(model)
     hidden, kwargs = [], [None] * len(blocks)
     def catch(index):
@@ -442,21 +442,21 @@ def block_inputs(model, tokens: torch.Tensor, # (n_samples, seq_len) token ids
     return hidden[0], kwargs
 
 def run_block(block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    "The block's output hidden states (transformers returns a tensor or a tuple, depending on model and version)."
+    "The block's output hidden states (transformers gives a tensor or tuple, by model and version)."
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 # %% ../nbs/00_core.ipynb #35325ebd
 @dataclass
 class LinearGroup:
-    "Linear layers of a block that read one and the same input tensor, and the module that produced it."
+    "Linear layers of a block that read the same input tensor, and the module that produced it."
     names: list[str]   # names inside the block, in the order they are called
     # name inside the block of the module whose output they read (None: the block's input)
     source: str|None
 
 @torch.no_grad()
 def linear_groups(block, hidden: torch.Tensor, kwargs: dict) -> list[LinearGroup]:
-    "The block's linear layers grouped by the tensor they read (q, k and v read one), found with hooks on one pass."
+    "The block's linears grouped by input tensor (q, k and v read one), found by hooks in one pass."
     producers, seen, groups = {}, [], {}
     def output_hook(name):
         def hook(module, args, out):
@@ -464,8 +464,9 @@ def linear_groups(block, hidden: torch.Tensor, kwargs: dict) -> list[LinearGroup
         return hook
     def input_hook(name):
         def hook(module, args):
-            seen.append(args[0]); groups.setdefault(id(args[0]),
-                                                    LinearGroup([], producers.get(id(args[0])))).names.append(name)
+            seen.append(args[0])
+            groups.setdefault(id(args[0]),
+                              LinearGroup([], producers.get(id(args[0])))).names.append(name)
         return hook
     linears = set(linear_names(block))
     handles = [m.register_forward_hook(output_hook(n)) for n, m in block.named_modules() if n]
@@ -485,7 +486,7 @@ def _tensor_config(tensor: torch.Tensor) -> dict:
     return json.loads(bytes(tensor.tolist()).decode())
 
 class QuantizedLinear(nn.Module):
-    "What every quantized layer of the course shares: `weight()`, `bits_per_weight`, `config()`, checked loading."
+    "What every quantized layer shares: `weight()`, `bits_per_weight`, `config()`, checked loading."
     method: str = ''          # the name of the layer's kind in the method registry
     # False: the layer also quantizes its input at run time (W8A8, LLM.int8())
     weight_only: bool = True
@@ -504,24 +505,24 @@ class QuantizedLinear(nn.Module):
     def compute(self, x: torch.Tensor) -> torch.Tensor: raise NotImplementedError
 
     def config(self) -> dict:
-        "Everything that rebuilds an empty layer like this one: the method, the shape, the bias and the settings."
+        "All that rebuilds an empty layer like this one: the method, shape, bias and settings."
         return dict(method=self.method, in_features=self.in_features,
                     out_features=self.out_features,
                     bias=self.bias is not None, **self.settings())
 
     @classmethod
     def from_config(cls, config: dict):
-        "An empty layer (zeros) with the shape and settings of `config`, ready for `load_state_dict`."
+        "An empty layer (zeros) with `config`'s shape and settings, ready for `load_state_dict`."
         config = {k: v for k, v in config.items() if k != 'method'}
         return cls(config.pop('in_features'), config.pop('out_features'), **config)
 
     def _seal(self):
-        "Record the layer's config in a small uint8 buffer; `load_state_dict` refuses a state saved with another."
+        "Record the config in a uint8 buffer; `load_state_dict` refuses a state saved with another."
         self.register_buffer('qconfig', _config_tensor(self.config()))
 
     @property
     def bits_per_weight(self) -> float:
-        "Every stored bit of the weight per weight: the layer's own buffers, but its bias and its config record."
+        "Stored bits per weight: the layer's own buffers except its bias and its config record."
         stored = sum(b.numel() * b.element_size() for n,
                      b in self.named_buffers(recurse=False) if n not in ('bias', 'qconfig'))
         return 8 * stored / (self.in_features * self.out_features)
@@ -554,7 +555,7 @@ def model_bits(model) -> float:
     return sum(m.bits_per_weight * n for m, n in zip(layers, sizes)) / sum(sizes)
 
 def dequantized_copy(model):
-    "A copy of `model` whose weight-only quantized layers are `nn.Linear`s holding their dequantized weights."
+    "A copy of `model` whose weight-only quantized layers are `nn.Linear`s of dequantized weights."
     def plain(name, layer):
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                            device=layer.bias.device
@@ -592,7 +593,7 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 def register_method(method: Method):
-    "Make `method` available to `quantize_model` under its name (a chapter's module calls this once)."
+    "Make `method` available to `quantize_model` by its name (a chapter's module calls this once)."
     METHODS[method.name] = method
 
 def layer_classes() -> dict[str, type]:
@@ -609,7 +610,7 @@ def _figure_png(fig, dpi: int = 80) -> str:
 
 # %% ../nbs/00_core.ipynb #7243462d
 def _in_kernel() -> bool:
-    "True inside a live Jupyter kernel (where widgets can talk back), False in scripts and test runners."
+    "True in a live Jupyter kernel (where widgets talk back), False in scripts and test runners."
     try: from IPython import get_ipython
     except ImportError: return False
     shell = get_ipython()
@@ -623,7 +624,7 @@ function(){m.src='data:image/png;base64,'+f[i.value];
 o.textContent=l[i.value];});})();"""
 
 class FrameSlider:
-    "A slider over pre-drawn frames: a live ipywidget in a kernel, a self-contained HTML slider in saved output."
+    "A slider over pre-drawn frames: a live ipywidget in a kernel, standalone HTML in saved output."
     def __init__(self, plot, # plot(value) -> a matplotlib Figure for one slider position
                  values, # the slider positions, in order
                  label: str = 'value', # name shown beside the slider
@@ -655,7 +656,8 @@ class FrameSlider:
                 f'<output>{captions[self.start]}</output></div>'
                 f'<img alt="{self.label} slider frame" style="max-width:100%" '
                 f'src="data:image/png;base64,{frames[self.start]}">'
-                f'<script>{_SLIDER_JS % (self.uid, json.dumps(frames), json.dumps(captions))}</script></div>')
+                f'<script>{_SLIDER_JS % (self.uid, json.dumps(frames), json.dumps(captions))}'
+                '</script></div>')
 
     def widget(self):
         "A live ipywidgets slider that redraws with the kernel."
@@ -694,7 +696,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
 
 # %% ../nbs/00_core.ipynb #b36da7dc
 def evaluate(model, tokenizer, budget: Budget|None = None, progress: bool = True) -> dict:
-    "Perplexity of `model` on the evaluation novel under `budget`, with what was measured and how long it took."
+    "Perplexity of `model` on the evaluation novel under `budget`, what was measured, and the time."
     budget = budget or get_budget()
     tokens = eval_tokens(tokenizer, budget.eval_tokens)
     start = time.perf_counter()
@@ -708,7 +710,7 @@ def results_dir() -> Path:
     return course_root()/'results' if course_root() else cache_dir()/'results'
 
 def record_results(chapter: str, rows: list[dict]) -> Path|None:
-    "Save `rows` as `results/{chapter}.json`, except under the test suite (`IN_TEST`); return the path."
+    "Save `rows` as `results/{chapter}.json`, except in tests (`IN_TEST`); return the path."
     import json
     if os.environ.get('IN_TEST'): return None
     path = results_dir()/f'{chapter}.json'
@@ -722,7 +724,7 @@ def result_row(chapter: str, method: str, model, tokenizer, budget: Budget|None 
                evaluated=None,
                evaluation: dict|None = None, # an `evaluate` result already computed
                **extra) -> dict:
-    "One row of a chapter's results table: `model`'s stored bits per weight and its perplexity, with what produced it."
+    "A chapter's results row: `model`'s stored bits per weight, perplexity, and what produced them."
     result = evaluation or evaluate(evaluated or model, tokenizer, budget, progress=False)
     quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
     float_bits = 8 * next(model.parameters()).element_size()

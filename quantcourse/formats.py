@@ -20,7 +20,7 @@ __all__ = ['FP32', 'TF32', 'BF16', 'FP16', 'FP8_E4M3', 'FP8_E5M2', 'FP4_E2M1', '
 # %% ../nbs/01_formats.ipynb #12666df6
 @dataclass(frozen=True)
 class FloatFormat:
-    "A floating-point format: 1 sign bit, `exponent_bits`, `mantissa_bits`, a bias, and how it spends its top codes."
+    "A float format: sign bit, `exponent_bits`, `mantissa_bits`, bias, and use of its top codes."
     name: str
     exponent_bits: int
     mantissa_bits: int
@@ -83,7 +83,7 @@ FORMATS = FLOAT_FORMATS + INT_FORMATS
 
 # %% ../nbs/01_formats.ipynb #5d92bc95
 def _check_codes(codes, fmt) -> torch.Tensor:
-    "Validate that `codes` is an integer tensor of bit patterns that exist in `fmt`; return them as int64."
+    "Check `codes` is an integer tensor of valid `fmt` bit patterns; return them as int64."
     if (not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.is_complex()
         or codes.dtype == torch.bool):
         raise TypeError("codes must be an integer tensor of bit patterns, got "
@@ -122,7 +122,7 @@ def _decode_int(codes, fmt: IntFormat) -> torch.Tensor:
 _STORAGE = {8: torch.uint8, 16: torch.int16, 32: torch.int32}
 
 def torch_decode(codes: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
-    "Reference decoder: reinterpret `codes` as `fmt.torch_dtype` and let torch convert them to float64."
+    "Reference decoder: view `codes` as `fmt.torch_dtype` and let torch convert them to float64."
     codes = _check_codes(codes, fmt)
     # as signed storage
     if fmt.bits > 8:
@@ -135,7 +135,7 @@ def same_values(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/01_formats.ipynb #61c66095
 def _magnitude_codes(a: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
-    "Codes of the values nearest to the finite magnitudes `a` (float64), ties to even; may exceed `fmt.max_code`."
+    "Codes nearest to the finite magnitudes `a` (float64), ties to even; may exceed `fmt.max_code`."
     exponent = torch.where(a > 0, torch.frexp(a).exponent.long() - 1,
                            fmt.min_exponent).clamp(min=fmt.min_exponent)
     significand = torch.round(a * torch.exp2((fmt.mantissa_bits - exponent).double())).long()
@@ -164,7 +164,7 @@ def encode(x: torch.Tensor, # floating-point tensor of values to encode
            # 'inf', 'saturate' or 'nan' beyond the largest value; None: `fmt.overflow`
            overflow: str|None = None,
           ) -> torch.Tensor:
-    "The bit pattern of `fmt` nearest to each value of `x` (round to nearest, ties to even), as int64 codes."
+    "The bit pattern of `fmt` nearest to each value of `x` (ties to even), as int64 codes."
     _check_floating(x)
     if isinstance(fmt, IntFormat): return _encode_int(x, fmt)
     top, a = _overflow_code(fmt, overflow or fmt.overflow), x.double().abs()
@@ -178,7 +178,7 @@ def encode(x: torch.Tensor, # floating-point tensor of values to encode
 
 # %% ../nbs/01_formats.ipynb #4d6acbe0
 def _encode_int(x: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
-    "Two's-complement codes of `x` rounded to the nearest integer (ties to even) and clamped to `fmt`'s range."
+    "Two's-complement codes of `x` rounded to integers (ties to even) and clamped to `fmt`'s range."
     if x.isnan().any(): raise ValueError(f"x holds NaN, which {fmt.name} cannot represent")
     values = torch.round(x.double()).clamp(fmt.min_value, fmt.max_value).long()
     return values & ((1 << fmt.bits) - 1)
@@ -193,7 +193,7 @@ def round_to(x: torch.Tensor, # floating-point tensor
 
 # %% ../nbs/01_formats.ipynb #ae85b73f
 def stress_inputs(fmt: FloatFormat, n: int = 100_000, seed: int = 0) -> torch.Tensor:
-    "float32 values that hit every rounding case of `fmt`: ties, subnormals, overflow, zeros, infinities."
+    "float32 values for each rounding case of `fmt`: ties, subnormals, overflow, zeros, infinities."
     g = torch.Generator().manual_seed(seed)
     uniform = lambda: torch.rand(n, generator=g, dtype=torch.float64)
     low = torch.randint(0, fmt.max_code, (n,), generator=g)
@@ -217,7 +217,7 @@ def stress_inputs(fmt: FloatFormat, n: int = 100_000, seed: int = 0) -> torch.Te
 
 # %% ../nbs/01_formats.ipynb #c231fe86
 def is_tie(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
-    "True where `x` lies exactly halfway between two neighbouring values of `fmt` (or half a step above its largest)."
+    "True where `x` is exactly halfway between two values of `fmt` (or half a step above the max)."
     finer = FloatFormat('finer', fmt.exponent_bits, fmt.mantissa_bits + 1, fmt.bias,
                         specials='none', overflow='saturate')
     # finer code 2c is fmt's code c
@@ -227,12 +227,12 @@ def is_tie(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
 
 # %% ../nbs/01_formats.ipynb #9e60eea4
 def torch_encode(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
-    "Reference encoder: torch's cast of `x` to `fmt.torch_dtype`, read back as non-negative int64 codes."
+    "Reference encoder: torch's cast of `x` to `fmt.torch_dtype`, read as non-negative int64 codes."
     return x.to(fmt.torch_dtype).view(_STORAGE[fmt.bits]).long() & ((1 << fmt.bits) - 1)
 
 # %% ../nbs/01_formats.ipynb #b5133970
 def format_summary(formats: list|None = None) -> pd.DataFrame:
-    "One row per format: bits, layout, largest and smallest values and precision, computed from the definitions."
+    "A row per format: bits, layout, largest and smallest values, precision, from the definitions."
     rows = []
     for fmt in formats or FORMATS:
         if isinstance(fmt, IntFormat):
@@ -273,7 +273,7 @@ def bit_string(code: int, fmt) -> str:
 def format_table(x: float, # the number to look at
                  formats: list|None = None, # formats to show; None: `FORMATS`
                 ) -> pd.DataFrame:
-    "What `x` becomes in each format: its bits, the value stored, and the absolute and relative error."
+    "What `x` becomes in each format: its bits, the stored value, the absolute and relative error."
     rows = []
     for fmt in formats or FORMATS:
         code = encode(torch.tensor([x], dtype=torch.float64), fmt)

@@ -52,14 +52,14 @@ def reconstruction_error(weight: torch.Tensor, # the original weight, (out_featu
                          quantized_weight: torch.Tensor, # its quantized version, same shape
                          hessian: torch.Tensor, # the layer's Hessian
                         ) -> float:
-    "Mean squared output error `||(W - Q) x||^2` over the calibration tokens: `trace((W-Q) H (W-Q)^T) / 2`."
+    "Mean squared output error `||(W-Q) x||^2` on calibration tokens: `trace((W-Q) H (W-Q)^T)/2`."
     delta = (weight.detach() - quantized_weight.detach()).to(hessian)
     return ((delta @ hessian) * delta).sum().item() / 2
 
 # %% ../nbs/04_gptq.ipynb #f3a4587b
 @dataclass
 class GPTQWeight:
-    "A `QuantizedWeight` plus the column order it is stored in (needed for activation order with groups found on the fly)."
+    "A `QuantizedWeight` and its column order (for activation order with groups found on the fly)."
     quantized: QuantizedWeight  # codes and scales; columns in stored order
     # stored column j is original column perm[j]; None: the original order
     perm: torch.Tensor|None
@@ -75,12 +75,12 @@ class GPTQWeight:
         return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        "What is stored: the `QuantizedWeight`'s packed tensors, and the column order when there is one."
+        "What is stored: the `QuantizedWeight`'s packed tensors, and the column order if any."
         return dict(self.quantized.tensors(), **({} if self.perm is None else dict(perm=self.perm)))
 
     @property
     def bits_per_weight(self) -> float:
-        "Every stored bit per weight: codes, scales, zero-points and (when permuted) a 16-bit index per column."
+        "Stored bits per weight: codes, scales, zero-points, if permuted a 16-bit index per column."
         return 8 * sum(t.numel() * t.element_size()
                        for t in self.tensors().values()) / math.prod(self.quantized.shape)
 
@@ -96,7 +96,7 @@ class GPTQWeight:
 
 # %% ../nbs/04_gptq.ipynb #193c7efc
 class ColumnGrid:
-    "The grid each column is rounded to when GPTQ reaches it: per row, per group found on the fly, or static groups."
+    "A column's grid when GPTQ reaches it: per row, per group found on the fly, or static groups."
     def __init__(self, W, bits, group_size, symmetric, static_groups, perm):
         self.bits, self.symmetric, self.group_size, self.perm = bits, symmetric, group_size, perm
         self.on_the_fly = isinstance(group_size, int) and not static_groups
@@ -117,7 +117,7 @@ class ColumnGrid:
         self.params.append((scale[:, 0], 1 / scale[:, 0], None if zero is None else zero[:, 0]))
 
     def round(self, column: int, upcoming: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        "Round `upcoming[0]`, the current weights of `column` (later rows: later columns); write its codes into `codes`."
+        "Round `upcoming[0]` (`column`'s current weights; later rows: later columns) into `codes`."
         if self.on_the_fly and column % self.group_size == 0: self.fit(upcoming[:self.group_size].T)
         if self.group_size == 'channel': group = 0
         elif self.on_the_fly: group = column // self.group_size
@@ -129,7 +129,7 @@ class ColumnGrid:
         return (x - zero).mul_(scale) if zero is not None else x * scale
 
     def result(self, codes: torch.Tensor, damping: float, losses=None) -> GPTQWeight:
-        "Codes `(rows, columns in quantization order)` and grids as a `GPTQWeight`; the order kept only where groups need it."
+        "Codes (rows, columns in quantization order), grids as `GPTQWeight`; order where needed."
         keep_order = self.on_the_fly and self.perm is not None
         if self.perm is not None and not keep_order: codes = codes[:, torch.argsort(self.perm)]
         scale = torch.stack([s for s, _, _ in self.params], 1).half()
@@ -142,7 +142,7 @@ class ColumnGrid:
 
 # %% ../nbs/04_gptq.ipynb #f866b26d
 def _prepare(weight, hessian, act_order):
-    "Working copies of W and H with dead inputs removed, columns in quantization order, and that order (None: as is)."
+    "Copies of W and H without dead inputs, columns in quantization order, the order (None: as is)."
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     W, H = weight.detach().to(dtype).clone(), hessian.detach().to(weight.device, dtype).clone()
     dead = H.diagonal() == 0  # an input that is 0 on every calibration token
@@ -156,7 +156,7 @@ def damped_inverse_cholesky(hessian: torch.Tensor, # (n, n), symmetric
                             percdamp: float = .01, # damping, as a fraction of the mean diagonal
                             name: str = 'layer', # named in the warning if more damping is needed
                            ) -> tuple[torch.Tensor, float]:
-    "Upper triangular `U` with `U^T U = (H + damp*I)^-1`, and `damp`; damping grows tenfold until H is positive definite."
+    "Upper triangular `U`, `U^T U = (H + damp*I)^-1`, and `damp`, grown 10x till positive definite."
     if not torch.isfinite(hessian).all():
         raise ValueError(f"{name}: the Hessian holds NaN or Inf values")
     mean_diag = hessian.diagonal().abs().mean().item() or 1.0
@@ -210,7 +210,7 @@ def naive_gptq(weight: torch.Tensor, # (out_features, in_features)
                percdamp: float = .01, # damping, as a fraction of the mean diagonal of H
                name: str = 'layer', # named in warnings
               ) -> GPTQWeight:
-    "GPTQ the slow way: one column at a time, the explicit inverse Hessian updated after every column."
+    "GPTQ the slow way: column by column, the explicit inverse Hessian updated after every column."
     _check_gptq_args(weight, hessian, bits, group_size, static_groups, percdamp)
     W, H, perm = _prepare(weight, hessian, act_order)
     _, damping = damped_inverse_cholesky(H, percdamp, name)
@@ -243,7 +243,7 @@ def gptq_quantize(weight: torch.Tensor, # (out_features, in_features)
                   percdamp: float = .01, # damping, as a fraction of the mean diagonal of H
                   name: str = 'layer', # named in warnings
                  ) -> GPTQWeight:
-    "Quantize `weight` by GPTQ: a fixed column order, rows of the Cholesky factor of H^-1, lazy updates in blocks."
+    "GPTQ of `weight`: fixed column order, rows of H^-1's Cholesky factor, lazy updates in blocks."
     _check_gptq_args(weight, hessian, bits, group_size, static_groups, percdamp)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
@@ -270,7 +270,7 @@ def gptq_quantize(weight: torch.Tensor, # (out_features, in_features)
 
 # %% ../nbs/04_gptq.ipynb #e28429f7
 class GPTQLinear(QuantLinear):
-    "A `QuantLinear` that also stores its column order when GPTQ ran in activation order with groups found on the fly."
+    "A `QuantLinear` with its column order (GPTQ in activation order, groups found on the fly)."
     method = 'gptq'
     def __init__(self, in_features: int, out_features: int, bits: int = 4,
                  group_size: int|str = 'channel',
@@ -286,7 +286,7 @@ class GPTQLinear(QuantLinear):
         cls, linear: nn.Linear, hessian: torch.Tensor|None = None,
         bits: int = 4, group_size: int|str = 'channel', symmetric: bool = False,
         **options):
-        "Quantize an `nn.Linear` by GPTQ, given the Hessian of its inputs (`options`: those of `gptq_quantize`)."
+        "GPTQ an `nn.Linear`, given its inputs' Hessian (`options`: those of `gptq_quantize`)."
         if hessian is None:
             raise ValueError("GPTQ needs the Hessian of the layer's inputs: pass "
                              "hessian=Hessian(in_features)"
@@ -309,14 +309,14 @@ class GPTQLinear(QuantLinear):
     def settings(self) -> dict: return dict(super().settings(), permuted=self.permuted)
 
     def weight(self) -> GPTQWeight:
-        "The stored weight, unpacked (its `dequantize()` puts the columns back in the original order)."
+        "The stored weight, unpacked (its `dequantize()` restores the original column order)."
         return GPTQWeight(super().weight(), self.perm)
 
     def extra_repr(self) -> str: return super().extra_repr() + f", permuted={self.permuted}"
 
 # %% ../nbs/04_gptq.ipynb #cdf6feac
 def _hessian(inputs: torch.Tensor) -> torch.Tensor:
-    "The statistics GPTQ needs of a group of layers' inputs: their Hessian, computed once for the group."
+    "What GPTQ needs of a group of layers' inputs: their Hessian, computed once for the group."
     return Hessian(inputs.shape[-1], inputs.device).add(inputs).value()
 
 def _gptq(linear: nn.Linear, hessian: torch.Tensor, bits, group_size, symmetric,

@@ -22,7 +22,7 @@ __all__ = ['NF4_OFFSET', 'BLOCKSIZES', 'QUANT_TYPES', 'WEIGHT_DTYPES', 'NESTED_B
 
 # %% ../nbs/07_nf4.ipynb #1269002e
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    "True if `a` and `b` have the same dtype, shape and bytes (so -0.0 differs from 0.0, and NaN equals itself)."
+    "True if `a`, `b` have the same dtype, shape and bytes (so -0.0 != 0.0, and NaN equals itself)."
     if a.dtype != b.dtype or a.shape != b.shape: return False
     as_bytes = lambda t: t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
     return torch.equal(as_bytes(a), as_bytes(b))
@@ -38,7 +38,7 @@ def normal_quantiles(probabilities: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/07_nf4.ipynb #d58d96e2
 def nf4_code(offset: float = NF4_OFFSET, # probability of the outermost quantile, in (0.5, 1)
             ) -> torch.Tensor:
-    "The 16 NF4 levels, sorted, in [-1, 1]: 8 positive and 7 negative normal quantiles and an exact zero."
+    "The 16 NF4 levels, sorted, in [-1, 1]: 8 positive, 7 negative normal quantiles, an exact zero."
     if not 0.5 < offset < 1:
         raise ValueError(f"offset must lie strictly between 0.5 and 1, got {offset}")
     # float32 probabilities, as bitsandbytes
@@ -50,7 +50,7 @@ def nf4_code(offset: float = NF4_OFFSET, # probability of the outermost quantile
 
 # %% ../nbs/07_nf4.ipynb #5d73bbbe
 def fp4_code() -> torch.Tensor:
-    "bitsandbytes' FP4 levels indexed by bit pattern (sign, 2 exponent bits, 1 mantissa bit), scaled to [-1, 1]."
+    "bitsandbytes' FP4 levels by bit pattern (sign, 2 exponent, 1 mantissa bit), scaled to [-1, 1]."
     bits = torch.arange(16)
     sign, exponent, mantissa = bits >> 3, (bits >> 1) & 3, bits & 1
     magnitude = torch.where(exponent == 0, mantissa / 16,
@@ -87,7 +87,7 @@ _TINY = 1e-38  # bitsandbytes' floor for a divisor
 def to_blocks(values: torch.Tensor, # any shape
               blocksize: int, # values per block
              ) -> torch.Tensor:
-    "`values` flattened to float32 and cut into rows of `blocksize`, the last row padded with zeros."
+    "`values` flattened to float32, cut into rows of `blocksize`, the last row padded with zeros."
     flat = values.reshape(-1).float()
     pad = -flat.numel() % blocksize
     return (F.pad(flat, (0, pad)) if pad else flat).view(-1, blocksize)
@@ -95,7 +95,7 @@ def to_blocks(values: torch.Tensor, # any shape
 def absmax_scale(blocks: torch.Tensor, # (n_blocks, blocksize) float32, from `to_blocks`
                  n: int, # how many values are real (the rest of the last row is padding)
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Each block divided by its absmax (so within [-1, 1], up to one rounding), and the float32 absmax of each block."
+    "Each block over its absmax (in [-1, 1], up to one rounding), and each block's float32 absmax."
     # max |x| per block, without a temporary |x|
     absmax = torch.linalg.vector_norm(blocks, ord=math.inf, dim=1)
     scaled = blocks * (1.0 / absmax.clamp(min=_TINY))[:, None]
@@ -154,14 +154,14 @@ def _byte_table(quant_type: str, device: str) -> torch.Tensor:
 def byte_table(quant_type: str, # 'nf4' or 'fp4'
                device=None, # where the table should live (default: CPU)
               ) -> torch.Tensor:
-    "A (256, 2) float32 table: row `b` holds the levels of the two codes in byte `b`, high nibble first."
+    "A (256, 2) float32 table: row `b` holds the levels of byte `b`'s two codes, high nibble first."
     _check_quant_type(quant_type)
     return _byte_table(quant_type, str(torch.device(device or 'cpu')))
 
 # %% ../nbs/07_nf4.ipynb #ada1e737
 @dataclass(eq=False)  # compared by identity: `==` on tensors has no single truth value
 class Weight4bit:
-    "A weight stored blockwise in 4 bits (NF4 or FP4), optionally with double-quantized block scales."
+    "A weight stored blockwise in 4 bits (NF4 or FP4), optionally with double-quantized scales."
     packed: torch.Tensor   # uint8, ceil(n/2) bytes: two codes each, the first in the high nibble
     # float32 absmax per block, or uint8 codes of (absmax - offset) when double-quantized
     absmax: torch.Tensor
@@ -222,7 +222,7 @@ def quantize_4bit(weight: torch.Tensor, # float32, float16 or bfloat16, any shap
                   # also quantize the block scales to 8 bits (QLoRA's double quantization)
                   double_quant: bool = False,
                  ) -> Weight4bit:
-    "Blockwise 4-bit quantization with an absmax per block, byte for byte as `bitsandbytes.functional.quantize_4bit`."
+    "Blockwise 4-bit quantization with an absmax per block, byte for byte as in bitsandbytes."
     _check_weight(weight); _check_blocksize(blocksize); _check_quant_type(quant_type)
     n = weight.numel()
     scaled, absmax = absmax_scale(to_blocks(weight.detach(), blocksize), n)
@@ -236,7 +236,7 @@ def quantize_4bit(weight: torch.Tensor, # float32, float16 or bfloat16, any shap
 # %% ../nbs/07_nf4.ipynb #92640813
 def entropy_bits(codes: torch.Tensor, # integer codes 0..15 (or -8..7)
                 ) -> float:
-    "Entropy in bits of the empirical distribution of 4-bit `codes`: 4.0 when all 16 are equally used."
+    "Entropy (bits) of the empirical distribution of 4-bit `codes`: 4.0 if all 16 are used equally."
     counts = torch.bincount((codes.reshape(-1).long() % 16), minlength=16).double()
     p = counts[counts > 0] / counts.sum()
     return -(p * p.log2()).sum().item()
@@ -249,7 +249,7 @@ def scale_bits_per_weight(blocksize: int = 64, # weights per block scale
                           double_quant: bool = False,
                           nested_blocksize: int = NESTED_BLOCKSIZE,
                          ) -> float:
-    "Bits per weight spent on block scales (ignoring one float32 offset per tensor and the ragged last block)."
+    "Bits per weight on block scales (ignoring a tensor's float32 offset and a ragged last block)."
     return 8 / blocksize + 32 / (blocksize * nested_blocksize) if double_quant else 32 / blocksize
 
 # %% ../nbs/07_nf4.ipynb #e2b98ea4
@@ -265,7 +265,7 @@ def _dynamic_code(device: str) -> torch.Tensor:
 
 def dynamic_code(device=None, # where the levels should live (default: CPU)
                 ) -> torch.Tensor:
-    "bitsandbytes' signed 8-bit dynamic code: 256 sorted float32 levels in [-1, 1], dense near zero."
+    "bitsandbytes' signed 8-bit dynamic code: 256 sorted float32 levels in [-1, 1], dense near 0."
     return _dynamic_code(str(torch.device(device or 'cpu')))
 
 # %% ../nbs/07_nf4.ipynb #2938732c
@@ -282,7 +282,7 @@ def quantize_blockwise_8bit(values: torch.Tensor, # any shape, finite
                             code: torch.Tensor,
                             blocksize: int = NESTED_BLOCKSIZE, # values per absmax
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    "uint8 codes of `values` (flattened) and the float32 absmax per block, rounded through bitsandbytes' table."
+    "uint8 codes of flat `values` and the float32 absmax per block, rounded by bitsandbytes' table."
     check_tensor(values, 'values')
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
@@ -314,7 +314,7 @@ def dequantize_blockwise_8bit(codes: torch.Tensor, # uint8 codes from `quantize_
 
 # %% ../nbs/07_nf4.ipynb #f4176284
 def double_quantize(weight: Weight4bit) -> Weight4bit:
-    "The same 4-bit weight with its float32 block scales replaced by 8-bit codes (QLoRA's double quantization)."
+    "The same 4-bit weight, its float32 block scales as 8-bit codes (QLoRA's double quantization)."
     if weight.double_quant: return weight
     offset = weight.absmax.mean()
     # the float32 sum overflowed
@@ -329,7 +329,7 @@ def _dtype(value) -> torch.dtype|None:
     return getattr(torch, value) if isinstance(value, str) else value
 
 class NF4Linear(QuantizedLinear):
-    "An `nn.Linear` whose weight is stored blockwise in 4 bits (NF4 or FP4), dequantized on each forward."
+    "An `nn.Linear` whose weight is kept blockwise in 4 bits (NF4 or FP4), dequantized per forward."
     method = 'nf4'
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  blocksize: int = 64, # weights per absmax

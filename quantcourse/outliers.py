@@ -62,7 +62,7 @@ def input_stats(
     # sequences per forward pass (each pass holds all captured inputs at once)
     batch_size: int = 1,
     progress: bool = True) -> dict[str, ChannelStats]:
-    "Per-channel max |x| and threshold counts of the inputs of each named layer, reduced pass by pass."
+    "Per-channel max |x| and threshold counts of each named layer's inputs, reduced pass by pass."
     if threshold is None:
         raise TypeError("threshold must be a positive number here: it is what the counts count "
                         "against")
@@ -97,7 +97,7 @@ EXACT_BLOCK = 1024
 def int8_matmul(a: torch.Tensor, # int8 codes, (m, k)
                 b: torch.Tensor, # int8 codes, (n, k): the nn.Linear weight layout
                ) -> torch.Tensor:
-    "Exact `a @ b.T` of int8 matrices as int32: `torch._int_mm` on CUDA, float32 blocks of 1024 elsewhere."
+    "Exact `a @ b.T` of int8 matrices as int32: `torch._int_mm` on CUDA, else float32 1024-blocks."
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         raise TypeError(f"a and b must be int8, got {a.dtype} and {b.dtype}")
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
@@ -123,7 +123,7 @@ def quantize_activations(x: torch.Tensor, # activations, (..., in_features)
                          # 'token': one scale per row; 'tensor': one scale for all
                          granularity: str = 'token',
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Symmetric INT8 codes of `x` as a (tokens, in_features) matrix, and float32 scales, (tokens, 1) or (1, 1)."
+    "Symmetric INT8 codes of `x` as (tokens, in_features), float32 scales (tokens, 1) or (1, 1)."
     _check_granularity(granularity); _check_finite(x, 'the activations')
     rows = x.reshape(-1, x.shape[-1])
     scale, _ = scale_zero(rows if granularity == 'token' else rows.reshape(1, -1), bits=8,
@@ -132,7 +132,7 @@ def quantize_activations(x: torch.Tensor, # activations, (..., in_features)
 
 # %% ../nbs/03_outliers.ipynb #18a372b8
 class W8A8Linear(QuantizedLinear):
-    "An `nn.Linear` with per-channel INT8 weights and dynamic INT8 activations, multiplied in integers."
+    "An `nn.Linear` of per-channel INT8 weights, dynamic INT8 activations, multiplied in integers."
     method, weight_only = 'w8a8', False
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  granularity: str = 'token', # activation scales: 'token' or 'tensor'
@@ -186,7 +186,7 @@ def int8_vectorwise_quant(x: torch.Tensor, # (rows, columns) floats; bitsandbyte
                           # columns holding any |x| >= threshold are outliers; None: none are
                           threshold: float|None = None,
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "Row-wise absmax INT8 codes, row absmaxes (float32) and outlier column indices, as bitsandbytes computes them."
+    "Row-wise absmax INT8 codes, float32 row absmaxes, outlier column indices, as in bitsandbytes."
     _check_threshold(threshold); _check_finite(x, 'x')
     if x.ndim != 2:
         raise ValueError(f"x must be a (rows, columns) matrix, got shape {tuple(x.shape)}")
@@ -209,13 +209,14 @@ def _as_float16(rows: torch.Tensor, threshold: float|None) -> torch.Tensor:
     if beyond.any() and (threshold is None or threshold > FLOAT16_MAX):
         raise ValueError(f"the input holds {beyond.sum().item()} value(s) beyond float16's range "
                          f"(|x| > {FLOAT16_MAX:g}), which the INT8 path cannot scale; give a "
-                         "threshold <= 65504 (6.0 is LLM.int8()'s) so their columns go the 16-bit way")
+                         "threshold <= 65504 (6.0 is LLM.int8()'s) so their columns go the "
+                         "16-bit way")
     # bitsandbytes casts them to inf, which is >= any threshold: clamping keeps every comparison
     return rows.clamp(-FLOAT16_MAX, FLOAT16_MAX).half()
 
 @dataclass(eq=False)
 class RowwiseInt8Weight:
-    "LLM.int8()'s stored weight: INT8 codes per row and each row's float32 absmax (bitsandbytes' `CB` and `SCB`)."
+    "LLM.int8()'s stored weight: INT8 codes, a float32 absmax per row (bitsandbytes' `CB`, `SCB`)."
     codes: torch.Tensor   # int8, (out_features, in_features)
     absmax: torch.Tensor  # float32, (out_features,)
 
@@ -235,7 +236,7 @@ class RowwiseInt8Weight:
     def config(self) -> dict: return dict(shape=list(self.codes.shape))
 
 class LLMInt8Linear(QuantizedLinear):
-    "LLM.int8(): INT8 weight rows and activation rows, and the input columns holding outliers multiplied in 16 bits."
+    "LLM.int8(): INT8 weight and activation rows, outlier input columns multiplied in 16 bits."
     method, weight_only = 'llm_int8', False
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  # |x| at which an input column leaves the INT8 product; None: never
@@ -317,7 +318,7 @@ def smooth_scales(act_absmax: torch.Tensor, # max |x| per input channel, from ca
 
 # %% ../nbs/03_outliers.ipynb #ba44038b
 def _weight_offset(norm: nn.Module) -> float:
-    "0 if `norm` multiplies by its weight (Llama's RMSNorm, LayerNorm), 1 if by 1 + weight (Gemma's), found by trying."
+    "0 if `norm` scales by weight (RMSNorm, LayerNorm), 1 if by 1 + weight (Gemma); found by trial."
     params = [p for p in (norm.weight, getattr(norm, 'bias', None)) if p is not None]
     saved = [p.data.clone() for p in params]
     for p in params: p.data.zero_()
@@ -335,9 +336,9 @@ def smooth_norm_linears(
     # max |x| per channel of that output, from calibration
     act_absmax: torch.Tensor,
     alpha: float = 0.5) -> torch.Tensor:
-    "Fold SmoothQuant's factors into `norm` (divide) and `linears` (multiply their columns), in place; return them."
-    if len({l.in_features for l in linears}) != 1 or getattr(norm, 'weight',
-                                                             None) is None or norm.weight.shape != (linears[0].in_features,):
+    "In place, divide `norm` and multiply `linears`' columns by SmoothQuant's factors; return them."
+    if (len({l.in_features for l in linears}) != 1 or getattr(norm, 'weight', None) is None
+            or norm.weight.shape != (linears[0].in_features,)):
         raise ValueError("the norm's weight "
                          f"{tuple(getattr(norm, 'weight', torch.empty(0)).shape)} and every "
                          "linear's in_features must agree")
@@ -355,7 +356,7 @@ def smooth_up_down(mlp: nn.Module, # a gated MLP with `up_proj` and `down_proj`
                    # max |x| per channel of down_proj's input, from calibration
                    act_absmax: torch.Tensor,
                    alpha: float = 0.5) -> torch.Tensor:
-    "Fold SmoothQuant's factors for `down_proj`'s input into `up_proj`'s output rows, in place; return them."
+    "Fold SmoothQuant factors of `down_proj`'s input into `up_proj`'s rows in place; return them."
     up, down = getattr(mlp, 'up_proj', None), getattr(mlp, 'down_proj', None)
     if not (isinstance(up, nn.Linear) and isinstance(down, nn.Linear)):
         raise ValueError("down_proj=True needs a gated MLP with `up_proj` and `down_proj` "
@@ -373,7 +374,7 @@ def smoothing_inputs(
     down_proj: bool = False, # also measure the inputs of down_proj
     groups: list|None = None, # the block's `linear_groups`, if already found
 ) -> dict[str, tuple[list[str], torch.Tensor]]:
-    "For each norm of `block` feeding linears directly (and each down_proj): the linears, and max |x| per channel."
+    "Per norm of `block` feeding linears directly (and down_proj): its linears, max |x| by channel."
     groups = [g for g in groups or linear_groups(block, hidden, kwargs)
               if g.source is not None
               and getattr(block.get_submodule(g.source), 'weight', None) is not None]
@@ -398,14 +399,15 @@ def smooth_block(
     inputs: dict|None = None, # `smoothing_inputs` of this block, if already measured
     groups: list|None = None, # the block's `linear_groups`, if already found
 ) -> dict[str, torch.Tensor]:
-    "Fold SmoothQuant's factors into every norm of `block` that feeds linear layers directly; return them by module."
+    "Fold SmoothQuant factors into `block`'s norms feeding linears directly; return them by module."
     _check_alpha(alpha)
     inputs = inputs or smoothing_inputs(block, hidden, kwargs, down_proj, groups)
     factors = {}
     for source, (names, absmax) in inputs.items():
         if source.endswith('up_proj') and not down_proj: continue  # measured, but not asked for
         if source.endswith('up_proj'):
-            factors[source] = (smooth_up_down(block.get_submodule(names[0].removesuffix('.down_proj')), absmax, alpha))
+            factors[source] = smooth_up_down(
+                block.get_submodule(names[0].removesuffix('.down_proj')), absmax, alpha)
         else:
             factors[source] = smooth_norm_linears(block.get_submodule(source),
                                                   [block.get_submodule(n) for n in names], absmax,
@@ -432,7 +434,7 @@ def smooth_model(model, # a decoder-only transformers model (changed in place)
                  # also smooth down_proj's input through up_proj (`smooth_up_down`)
                  down_proj: bool = False,
                 ) -> dict[str, torch.Tensor]:
-    "SmoothQuant every decoder block from the float model's statistics; return the factors by module."
+    "SmoothQuant each decoder block from the float model's statistics; return factors by module."
     _check_alpha(alpha)
     prefix, blocks = decoder_blocks(model)
     statistics = calibration if isinstance(calibration,

@@ -29,7 +29,7 @@ def check_bits(bits, name: str = 'bits') -> int:
 def qrange(bits: int, # bits per code, 2 to 8
            symmetric: bool, # signed codes (True) or unsigned codes with a zero-point (False)
           ) -> tuple[int, int]:
-    "The smallest and largest integer code: signed $[-2^{b-1}, 2^{b-1}-1]$ or unsigned $[0, 2^b-1]$."
+    "The smallest and largest integer code: signed $[-2^{b-1}, 2^{b-1}-1]$, unsigned $[0, 2^b-1]$."
     check_bits(bits)
     return (-2**(bits - 1), 2**(bits - 1) - 1) if symmetric else (0, 2**bits - 1)
 
@@ -75,7 +75,7 @@ def quantize_codes(weight: torch.Tensor, # floats, broadcastable against scale a
                    bits: int, # bits per code, 2 to 8
                    symmetric: bool, # signed int8 codes, or unsigned uint8 codes
                   ) -> torch.Tensor:
-    "Integer codes `clamp(round(weight/scale + zero))`, round half to even, as int8 (symmetric) or uint8."
+    "Integer codes `clamp(round(weight/scale + zero))`, ties to even, as int8 (symmetric) or uint8."
     qmin, qmax = qrange(bits, symmetric)
     # multiply by the reciprocal, as torch's kernels do, while it is finite
     inverse = 1 / scale.float()
@@ -107,7 +107,7 @@ def check_group_size(group_size, in_features: int):
 
 # %% ../nbs/02_scales.ipynb #7afdbbd0
 def _groups(weight: torch.Tensor, group_size) -> torch.Tensor:
-    "View `weight` (..., in_features) as (rows, groups, group_len) for `group_size` ('tensor', 'channel' or an int)."
+    "View `weight` as (rows, groups, group_len) for `group_size` ('tensor', 'channel' or an int)."
     in_features = weight.shape[-1]
     if group_size == 'tensor': return weight.reshape(1, 1, -1)
     if group_size == 'channel': return weight.reshape(-1, 1, in_features)
@@ -132,14 +132,14 @@ class QuantizedWeight:
                                 zero).reshape(self.shape).to(dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        "What is stored: the codes packed `bits` to a code, the float16 scales, the packed zero-points."
+        "What is stored: codes packed `bits` to a code, float16 scales, packed zero-points."
         stored = dict(qweight=pack(self.codes, self.bits), scale=self.scale)
         if self.zero is not None: stored['qzeros'] = pack(self.zero, self.bits)
         return stored
 
     @property
     def nbytes(self) -> int:
-        "Bytes of `tensors()`: codes and zero-points packed `bits` to a value in runs of 8 (`pack`), float16 scales."
+        "Bytes of `tensors()`: codes and zero-points as `pack` stores them, float16 scales."
         packed = lambda n: -(-n // 8) * self.bits
         zero = 0 if self.zero is None else packed(self.zero.numel())
         return packed(self.codes.numel()) + self.scale.numel() * self.scale.element_size() + zero
@@ -184,7 +184,7 @@ def quantize_weight(weight: torch.Tensor, # (out_features, in_features), floatin
 def fake_quantize(weight: torch.Tensor, # floating-point weight, (out_features, in_features)
                   bits: int = 4, group_size: int|str = 'channel',
                   symmetric: bool = True) -> torch.Tensor:
-    "Quantize then dequantize: the weight a quantized layer computes with, in `weight`'s shape and dtype."
+    "Quantize then dequantize: the weight a quantized layer uses, in `weight`'s shape and dtype."
     return quantize_weight(weight, bits, group_size, symmetric).dequantize(weight.dtype)
 
 # %% ../nbs/02_scales.ipynb #17161b28
@@ -256,7 +256,7 @@ def unpack(packed: torch.Tensor, # uint8 bytes from `pack`
 
 # %% ../nbs/02_scales.ipynb #51e21377
 class QuantLinear(QuantizedLinear):
-    "An `nn.Linear` whose weight is stored as packed b-bit codes with float16 group scales (and zero-points)."
+    "An `nn.Linear` whose weight is packed b-bit codes with float16 group scales (and zero-points)."
     method = 'rtn'
     def __init__(self, in_features: int, out_features: int, bits: int = 4,
                  group_size: int|str = 'channel',
@@ -347,14 +347,14 @@ class Arch:
 
     @property
     def n_params(self) -> int:
-        "Number of parameters: block linears, two norms per block, the final norm, embedding and (untied) head."
+        "Parameters: block linears, two norms per block, final norm, embedding and (untied) head."
         block = sum(o * i for _, o, i in self.linears()) + 2 * self.hidden
         return self.layers * block + self.hidden + self.vocab * self.hidden * (1 if self.tied
                                                                                else 2)
 
 # %% ../nbs/02_scales.ipynb #37593eb3
 def arch_from_config(config, name: str|None = None) -> Arch:
-    "An `Arch` from a transformers config of a Llama-style model (Llama, Mistral, Qwen2, SmolLM, ...)."
+    "An `Arch` from a Llama-style model's transformers config (Llama, Mistral, Qwen2, SmolLM, ...)."
     get = lambda key, default=None: getattr(config, key, default)
     hidden, heads = get('hidden_size'), get('num_attention_heads')
     # only when it is not the default
@@ -398,9 +398,9 @@ def q4_k_m_type(kind: str, layer: int|None, in_features: int, arch: Arch) -> str
 
 # %% ../nbs/02_scales.ipynb #53413575
 def _linears_only(linear_bits):
-    "A format that stores block linears with `linear_bits(in_features)` and keeps the embedding and head in float16."
-    return lambda kind, layer, in_features, arch: 16.0 if kind in ('embedding',
-                                                                   'head') else linear_bits(in_features)
+    "A format storing block linears at `linear_bits(in_features)`; embedding and head in float16."
+    return lambda kind, layer, in_features, arch: (16.0 if kind in ('embedding', 'head')
+                                                   else linear_bits(in_features))
 
 FORMATS = {  # name -> bits(kind, layer, in_features, arch) for one tensor
     'FP16': lambda kind, layer, in_features, arch: 16.0,
