@@ -1,5 +1,6 @@
-"Render the website and check it: one page per notebook, titles, images where notebooks plot, no broken links to images."
+"Render the website and check it: one page per notebook, titles, images where notebooks plot, no broken links to images, callouts."
 import json, re, shutil, subprocess, sys
+from html import unescape
 from pathlib import Path
 import pytest
 
@@ -59,21 +60,24 @@ function(s){var i=s.querySelector('input'),m=s.querySelector('img'),a=m.src;i.va
 i.dispatchEvent(new Event('input'));out.push((a!==m.src)+'|'+s.querySelector('output').textContent);});
 document.body.setAttribute('data-sliders',out.join(';'));});</script></body>"""
 
+def _chromium_dom(page: Path, probe: str, profile: Path) -> str:
+    "The DOM of `page` after headless Chromium loaded it with the script `probe` (ending in `</body>`) added."
+    copy = page.parent/f'_probe_{page.name}'
+    copy.write_text(page.read_text().replace('</body>', probe))
+    try:
+        return subprocess.run([CHROMIUM, '--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+                               '--disable-component-update', '--disable-sync', f'--user-data-dir={profile}',
+                               '--virtual-time-budget=5000', '--dump-dom', copy.as_uri()],
+                              capture_output=True, text=True, timeout=120).stdout
+    finally: copy.unlink()
+
 @pytest.mark.skipif(not CHROMIUM, reason='needs Chromium (Debian: apt-get install chromium)')
 def test_sliders_move_in_headless_chromium(site, tmp_path):
     "Every slider on the site shows a figure, and moving it changes the figure and its caption."
     pages = [p for p in site.glob('*.html') if 'qc-slider' in p.read_text()]
     assert pages, 'no slider on the site'
     for page in pages:
-        probe = page.parent/f'_probe_{page.name}'
-        probe.write_text(page.read_text().replace('</body>', _PROBE))
-        try:
-            dom = subprocess.run([CHROMIUM, '--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-                                  '--disable-component-update', '--disable-sync', f'--user-data-dir={tmp_path}',
-                                  '--virtual-time-budget=5000', '--dump-dom', probe.as_uri()],
-                                 capture_output=True, text=True, timeout=120).stdout
-        finally: probe.unlink()
-        result = re.search(r'data-sliders="([^"]*)"', dom)
+        result = re.search(r'data-sliders="([^"]*)"', _chromium_dom(page, _PROBE, tmp_path))
         assert result and result.group(1), f'{page.name}: sliders did not run'
         for slider in result.group(1).split(';'):
             assert slider.startswith('true|'), f'{page.name}: a slider did not change its figure ({slider})'
@@ -84,3 +88,67 @@ def test_every_notebook_in_the_sidebar(site):
     for nb in _notebooks():
         assert nb.name in sidebar, f'{nb.name} is missing from nbs/sidebar.yml'
         assert f'{nb.stem}.html' in _sidebar(html), f'the sidebar does not link {nb.stem}.html'
+
+CALLOUT_KINDS = ('note', 'tip', 'warning', 'important', 'caution')
+_CALLOUT_DIV = re.compile(r'^:{3,}[ \t]*\{\.callout-(' + '|'.join(CALLOUT_KINDS) + r')\b([^}]*)\}[ \t]*\n(?:#+[ \t]+(.+)\n)?', re.M)
+
+def _plain(text: str) -> str:
+    "`text` without tags, entities, backticks, curly apostrophes or repeated spaces, to compare a title with its rendering."
+    text = unescape(re.sub(r'<[^>]+>', '', text)).replace('`', '').replace('\u2019', "'").replace('\u2018', "'")
+    return ' '.join(text.split())
+
+def _callouts(nb: Path) -> list[tuple[str, str]]:
+    "(kind, title or '') of every `::: {.callout-*}` div in the markdown cells of `nb`, in order."
+    found = []
+    for cell in json.loads(nb.read_text())['cells']:
+        if cell['cell_type'] != 'markdown': continue
+        for m in _CALLOUT_DIV.finditer(''.join(cell['source'])):
+            attr = re.search(r'title="([^"]*)"', m.group(2))
+            found.append((m.group(1), _plain(attr.group(1) if attr else m.group(3) or '')))
+    return found
+
+def _rendered_callouts(page: str) -> list[tuple[str, str]]:
+    "(kind, header text) of every callout box in the HTML `page`, in order."
+    found = []
+    for m in re.finditer(r'<div class="([^"]*)"', page):
+        classes = m.group(1).split()
+        if 'callout' not in classes: continue
+        kind = next((c[8:] for c in classes if c[:8] == 'callout-' and c[8:] in CALLOUT_KINDS), '')
+        end = page.find('callout-body', m.end())
+        header = page[m.end():end if end >= 0 else len(page)]
+        title = re.search(r'class="callout-title-container[^"]*">(.*?)</div>', header, re.S)
+        found.append((kind, _plain(title.group(1)) if title else ''))
+    return found
+
+def test_callouts_become_callout_boxes(site):
+    "Every `::: {.callout-*}` div of a notebook is a callout box of that kind on its page, headed by its title."
+    total = 0
+    for nb in _notebooks():
+        expected, rendered = _callouts(nb), _rendered_callouts((site/f'{nb.stem}.html').read_text())
+        assert [k for k, _ in rendered] == [k for k, _ in expected], \
+            f'{nb.stem}.html has the callouts {rendered}; {nb.name} has {expected}'
+        for (kind, title), (_, header) in zip(expected, rendered):
+            if title: assert header == title, f'{nb.stem}.html: the {kind} callout is headed {header!r}, not {title!r}'
+        total += len(expected)
+    assert total, 'no `::: {.callout-*}` in the notebooks: the pattern or the notebooks changed'
+
+_CALLOUT_PROBE = """<script>window.addEventListener('load',function(){var out=[];document.querySelectorAll('.callout').forEach(
+function(c){var s=getComputedStyle(c),h=c.querySelector('.callout-header'),r=c.getBoundingClientRect();
+out.push([parseFloat(s.borderLeftWidth),s.borderLeftStyle,h?getComputedStyle(h).backgroundColor:'none',Math.round(r.height)].join('|'));});
+document.body.setAttribute('data-callouts',out.join(';'));});</script></body>"""
+
+@pytest.mark.skipif(not CHROMIUM, reason='needs Chromium (Debian: apt-get install chromium)')
+def test_callouts_are_boxes_in_headless_chromium(site, tmp_path):
+    "Every callout on the site is drawn as a box: a solid left border, a tinted header and some height."
+    pages = [p for p in site.glob('*.html') if _rendered_callouts(p.read_text())]
+    assert pages, 'no callout on the site'
+    for page in pages:
+        result = re.search(r'data-callouts="([^"]*)"', _chromium_dom(page, _CALLOUT_PROBE, tmp_path))
+        assert result and result.group(1), f'{page.name}: the browser found no callout'
+        boxes = result.group(1).split(';')
+        assert len(boxes) == len(_rendered_callouts(page.read_text())), f'{page.name}: {boxes}'
+        for box in boxes:
+            width, style, header, height = box.split('|')
+            assert float(width) >= 2 and style == 'solid', f'{page.name}: a callout has no left border ({box})'
+            assert header not in ('none', 'transparent', 'rgba(0, 0, 0, 0)'), f'{page.name}: a callout header is not tinted ({box})'
+            assert int(height) > 20, f'{page.name}: a callout is flat ({box})'
