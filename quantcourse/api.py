@@ -14,7 +14,7 @@ from torch import nn
 from .core import (METHODS, QuantizedLinear, decoder_blocks, block_inputs, run_block,
                               linear_groups,
                               linear_names, layer_classes, load_model)
-from . import scales, outliers, gptq, nf4  # importing a method's module registers it
+from . import scales, outliers, gptq, awq, nf4  # importing a method's module registers it
 
 # %% auto #0
 __all__ = ['QuantReport', 'quantize_model', 'save_quantized', 'load_quantized']
@@ -125,11 +125,13 @@ def _set_module(root: nn.Module, name: str, module: nn.Module):
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 @torch.no_grad()
-def _relative_error(reference: nn.Linear, layer: nn.Module, x: torch.Tensor) -> float:
+def _relative_error(reference: nn.Linear, layer: nn.Module, x: torch.Tensor,
+                    # the input `layer` sees, if not `x` (a block scaled by `prepare_block`)
+                    layer_input: torch.Tensor|None = None) -> float:
     "Squared output error of `layer` over the float `reference`'s squared output, on rows of `x`."
     # not reference(x): it carries hooks
     expected = nn.functional.linear(x, reference.weight, reference.bias).float()
-    return ((layer(x).float() - expected).pow(2).sum()
+    return ((layer(x if layer_input is None else layer_input).float() - expected).pow(2).sum()
             / expected.pow(2).sum().clamp(min=1e-30)).item()
 
 def _row(name: str, spec, settings: dict, layer, seconds: float) -> dict:
@@ -142,8 +144,9 @@ def _row(name: str, spec, settings: dict, layer, seconds: float) -> dict:
 
 # %% ../nbs/20_api.ipynb #22aca089
 def _quantize_block(block, inside: list[str], spec, settings: dict, full_name, rows: list,
-                    hidden=None, kwargs=None,
-                    groups=None):
+                    hidden=None, kwargs=None, groups=None,
+                    # {name: factors its input columns took} from `prepare_block`; the block before
+                    folded: dict|None = None, original=None):
     "Quantize linears `inside` of `block` in place, on their inputs if `hidden`; return its output."
     quantize_settings = _accepted(spec.quantize, settings)
     def make(name, statistics, sample):
@@ -151,12 +154,16 @@ def _quantize_block(block, inside: list[str], spec, settings: dict, full_name, r
         layer = spec.quantize(linear, statistics, **quantize_settings)
         row = _row(full_name(name), spec, settings, layer, time.perf_counter() - start)
         if sample is not None:
-            row['error'] = _relative_error(linear, layer, sample)
+            # against the float layer as it was, on its own inputs (a prepared block's differ)
+            reference, x = linear, sample
+            if folded is not None:
+                reference = original.get_submodule(name)
+                if name in folded: x = sample * folded[name].to(sample)
+            row['error'] = _relative_error(reference, layer, x, sample)
             if spec.baseline:  # e.g. round-to-nearest on the very same inputs
                 base = METHODS[spec.baseline]
-                row[f'{base.name}_error'] = _relative_error(
-                    linear, base.quantize(linear, None, **_accepted(base.quantize, settings)),
-                    sample)
+                baseline = base.quantize(reference, None, **_accepted(base.quantize, settings))
+                row[f'{base.name}_error'] = _relative_error(reference, baseline, x)
         rows.append(row); _set_module(block, name, layer)
     if hidden is None:
         for name in inside: make(name, None, None)
@@ -213,12 +220,13 @@ def quantize_model(
         else:  # blocks of one class share their structure: find which linears share an input once
             key = (type(work), tuple(linear_names(work)))
             if key not in structures: structures[key] = linear_groups(work, hidden, kwargs[i])
+            folded, original = None, None
             if spec.prepare_block:
-                spec.prepare_block(work, hidden, kwargs[i],
-                                   **_accepted(spec.prepare_block,
-                                               dict(settings, groups=structures[key])))
+                original = copy.deepcopy(work)
+                folded = spec.prepare_block(work, hidden, kwargs[i], **_accepted(
+                    spec.prepare_block, dict(settings, groups=structures[key], name=f'{prefix}.{i}')))
             hidden = _quantize_block(work, targets[i], spec, settings, full_name, rows, hidden,
-                                     kwargs[i], structures[key])
+                                     kwargs[i], structures[key], folded, original)
         done[i] = work
     for i, work in done.items(): blocks[i] = work  # every block succeeded: now the model changes
     return QuantReport(method, settings, rows, time.perf_counter() - start)

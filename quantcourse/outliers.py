@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 # %% auto #0
 __all__ = ['EXACT_BLOCK', 'GRANULARITIES', 'FLOAT16_MAX', 'ChannelStats', 'input_stats', 'int8_matmul', 'quantize_activations',
            'W8A8Linear', 'int8_vectorwise_quant', 'RowwiseInt8Weight', 'LLMInt8Linear', 'smooth_scales',
-           'smooth_norm_linears', 'smooth_up_down', 'smoothing_inputs', 'smooth_block', 'smoothing_statistics',
-           'smooth_model']
+           'fold_input_factors', 'smooth_norm_linears', 'smooth_up_down', 'smoothing_inputs', 'smooth_block',
+           'smoothing_statistics', 'smooth_model']
 
 # %% ../nbs/03_outliers.ipynb #de3bd315
 @dataclass
@@ -330,6 +330,22 @@ def _weight_offset(norm: nn.Module) -> float:
     return 0.0 if out.abs().max() == 0 else 1.0
 
 @torch.no_grad()
+def fold_input_factors(source: nn.Module, # a norm (per-channel weight, maybe bias) or an nn.Linear
+                       linears: list[nn.Linear], # the layers reading its output
+                       factors: torch.Tensor, # one per output channel of `source`
+                       # one per input column of the linears (default: `factors`)
+                       column_factors: torch.Tensor|None = None):
+    "Divide `source`'s output channels by `factors`, multiply the linears' columns: the same function."
+    columns = (factors if column_factors is None else column_factors).to(linears[0].weight.device)
+    factors = factors.to(source.weight.device)
+    if isinstance(source, nn.Linear): source.weight.div_(factors[:, None].to(source.weight.dtype))
+    else:
+        offset = _weight_offset(source)
+        source.weight.copy_((source.weight + offset) / factors.to(source.weight.dtype) - offset)
+    if getattr(source, 'bias', None) is not None: source.bias.div_(factors.to(source.bias.dtype))
+    for linear in linears: linear.weight.mul_(columns.to(linear.weight.dtype))
+
+@torch.no_grad()
 def smooth_norm_linears(
     norm: nn.Module, # a norm with a per-channel `weight` (and maybe `bias`) that feeds `linears`
     linears: list[nn.Linear], # the layers reading the norm's output
@@ -344,10 +360,7 @@ def smooth_norm_linears(
                          "linear's in_features must agree")
     factors = smooth_scales(act_absmax.to(norm.weight.device),
                             torch.cat([l.weight for l in linears]).abs().amax(0), alpha)
-    offset = _weight_offset(norm)
-    norm.weight.copy_((norm.weight + offset) / factors.to(norm.weight.dtype) - offset)
-    if getattr(norm, 'bias', None) is not None: norm.bias.div_(factors.to(norm.bias.dtype))
-    for linear in linears: linear.weight.mul_(factors.to(linear.weight.dtype))
+    fold_input_factors(norm, linears, factors)
     return factors
 
 # %% ../nbs/03_outliers.ipynb #306857a0
@@ -362,9 +375,7 @@ def smooth_up_down(mlp: nn.Module, # a gated MLP with `up_proj` and `down_proj`
         raise ValueError("down_proj=True needs a gated MLP with `up_proj` and `down_proj` "
                          f"linears; {type(mlp).__name__} has none")
     factors = smooth_scales(act_absmax.to(down.weight.device), down.weight.abs().amax(0), alpha)
-    up.weight.div_(factors[:, None].to(up.weight.dtype))
-    if up.bias is not None: up.bias.div_(factors.to(up.bias.dtype))
-    down.weight.mul_(factors.to(down.weight.dtype))
+    fold_input_factors(up, [down], factors)
     return factors
 
 # %% ../nbs/03_outliers.ipynb #925d4f6e
@@ -450,8 +461,17 @@ def _smoothquant(linear: nn.Linear, statistics, alpha: float, granularity: str,
     "After the block was smoothed (`smooth_block`), each layer is plain W8A8."
     return W8A8Linear.from_linear(linear, granularity)
 
+def _smooth_for_report(block, hidden, kwargs, alpha: float, down_proj: bool,
+                       groups: list|None = None) -> dict[str, torch.Tensor]:
+    "`smooth_block`, returning the factors by the linear whose columns took them (for the report)."
+    factors = smooth_block(block, hidden, kwargs, alpha, down_proj, groups=groups)
+    by_linear = {name: factors[g.source] for g in groups or [] if g.source in factors
+                 for name in g.names}
+    return by_linear | {source.removesuffix('up_proj') + 'down_proj': f
+                        for source, f in factors.items() if source.endswith('up_proj')}
+
 register_method(Method('smoothquant', W8A8Linear,
                        dict(alpha=0.5, granularity='token', down_proj=False), _smoothquant,
-                       needs_calibration=True, prepare_block=smooth_block, sequential=False,
+                       needs_calibration=True, prepare_block=_smooth_for_report, sequential=False,
                        doc='SmoothQuant: per-channel factors folded into the norms (and up_proj), '
                            'then W8A8'))

@@ -16,9 +16,9 @@ from quantcourse.core import decoder_blocks, QuantizedLinear
 from quantcourse.outliers import smooth_model
 
 ARCH_NAMES = list(ARCHS)
-METHODS = ['rtn', 'gptq', 'nf4', 'fp4', 'w8a8', 'llm_int8', 'smoothquant']
+METHODS = ['rtn', 'gptq', 'nf4', 'fp4', 'w8a8', 'llm_int8', 'smoothquant', 'awq', 'awq_gptq']
 CONFIG = {'rtn': dict(bits=4, group_size=64), 'gptq': dict(bits=4, group_size=64)}  # the others: their defaults
-NEEDS_SMOOTHING = {'smoothquant'}
+NEEDS_SMOOTHING = {'smoothquant', 'awq', 'awq_gptq'}  # methods that fold factors into the layer before
 
 @pytest.fixture(scope='module', autouse=True)
 def one_thread():
@@ -155,6 +155,8 @@ def test_smoothquant_refuses(arch, tiny, calib):
         smooth_model(model, calib, alpha=0.5)
     with pytest.raises(ValueError, match=ARCHS[arch].missing):
         quantize_model(copy.deepcopy(tiny(arch)), 'smoothquant', calibration=calib, progress=False)
+    with pytest.raises(ValueError, match='AWQ finds nowhere to fold factors'):
+        quantize_model(copy.deepcopy(tiny(arch)), 'awq', calibration=calib, progress=False)
 
 # ------------------------------------------------------------------------------------- 5. Gemma 3: each block's kwargs
 @torch.no_grad()

@@ -78,7 +78,8 @@ def test_from_linear_and_from_config(method, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(), fresh.state_dict().values()))
 
 OTHER_SETTINGS = {'rtn': dict(bits=3), 'gptq': dict(bits=3), 'nf4': dict(quant_type='fp4'), 'fp4': dict(quant_type='nf4'),
-                  'w8a8': dict(granularity='tensor'), 'llm_int8': dict(threshold=None), 'smoothquant': dict(granularity='tensor')}
+                  'w8a8': dict(granularity='tensor'), 'llm_int8': dict(threshold=None), 'smoothquant': dict(granularity='tensor'),
+                  'awq': dict(bits=3), 'awq_gptq': dict(bits=3)}
 
 @pytest.mark.parametrize('method', METHOD_NAMES)
 def test_state_with_other_settings_is_refused(method):
