@@ -8,7 +8,8 @@ groups of 64, asymmetric, quantizes the course model with
 - vllm-project's llm-compressor `AWQModifier` + `QuantizationModifier` (W4/W3 asym g64) on the same
   calibration tokens, duo scaling on (its default) and off, where llmcompressor imports;
 and evaluates each on the whole evaluation novel (budget 'full', context 1024) and on its first 20,460 tokens
-at context 1024 (where llama.cpp's Q4_K_M mix gives 27.33). Matrix products run in TF32 (recorded).
+at context 1024 (where llama.cpp's Q4_K_M mix gives 27.33). The check runs in float32; after it, matrix
+products run in TF32 (recorded).
 Writes a JSON naming the card, the commit and the time (benchmeta.run_metadata) to --out
 (default bench/results/awq_quality.json), after every row, so a run stopped at its limit keeps what it did.
 `--quick` runs a tiny budget (on a CPU too) to show the script works; its numbers mean nothing.
@@ -85,7 +86,6 @@ def main():
     parser.add_argument('--quick', action='store_true')
     args = parser.parse_args()
     device = default_device()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     budget = Budget('quick', 4, 64, 256, 128) if args.quick else get_budget('full')
     q4km = Budget('quick', 0, 0, 256, 128) if args.quick else Q4_K_M
     model, tokenizer = load_model(device=device)
@@ -95,6 +95,7 @@ def main():
     result.setdefault('rows', []); result.setdefault('failures', [])
     result['correctness'] = check_correctness(model, calibration_samples(tokenizer, 4, 256), device)
     print(result['correctness'], flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # after the float32 check
     reference = {'perplexity': evaluate(model, tokenizer, budget, progress=False)['perplexity'],
                  'perplexity_20460': evaluate(model, tokenizer, q4km, progress=False)['perplexity']}
     result['reference'] = reference
