@@ -48,7 +48,7 @@ def check_correctness(model, calibration, device):
     for g in groups:
         replay = replays[g.inspect]
         linears = {n.removeprefix(g.inspect).lstrip('.'): block.get_submodule(n) for n in g.names}
-        tries = [{n: l.weight * (1 + 0.01 * k) for n, l in linears.items()} for k in range(5)]
+        tries = [{n: l.weight * (1 + 0.01 * k) for n, l in linears.items()} for k in range(1, 6)]  # none exact
         batched = grid_losses(replay, linears, tries)
         key = lambda n: f'{n}.weight' if n else 'weight'
         one_by_one = [(replay({key(n): w for n, w in t.items()}).float() - replay.output.float()).pow(2).mean().item()
