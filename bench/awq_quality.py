@@ -67,7 +67,7 @@ def llm_compressor(model, tokenizer, calibration, bits, duo):
     from llmcompressor.modifiers.quantization import QuantizationModifier
     scheme = {'targets': ['Linear'], 'weights': dict(num_bits=bits, type='int', symmetric=False, strategy='group',
                                                       group_size=64)}
-    recipe = [AWQModifier(duo_scaling=duo, n_grid=20, ignore=['lm_head']),
+    recipe = [AWQModifier(duo_scaling=duo, n_grid=20),
               QuantizationModifier(config_groups={'group_0': scheme}, ignore=['lm_head'])]
     dataset = Dataset.from_dict({'input_ids': calibration.tolist(), 'attention_mask': torch.ones_like(calibration).tolist()})
     oneshot(model=model, processor=tokenizer, dataset=dataset, recipe=recipe, max_seq_length=calibration.shape[1],
