@@ -14,7 +14,7 @@ Writes a JSON naming the card, the commit and the time (benchmeta.run_metadata) 
 (default bench/results/awq_quality.json), after every row, so a run stopped at its limit keeps what it did.
 `--quick` runs a tiny budget (on a CPU too) to show the script works; its numbers mean nothing.
 """
-import argparse, copy, json, time, traceback, warnings
+import argparse, copy, dataclasses, json, time, traceback, warnings
 from pathlib import Path
 import torch
 from quantcourse.core import (Budget, load_model, get_budget, calibration_samples, evaluate, default_device,
@@ -83,10 +83,12 @@ def main():
     parser.add_argument('--only', nargs='+', default=None, help='labels to run (default: all)')
     parser.add_argument('--peers', action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument('--append', action='store_true', help='add to the rows already in --out')
+    parser.add_argument('--calib-samples', type=int, default=None, help='calibration sequences (default: the budget)')
     parser.add_argument('--quick', action='store_true')
     args = parser.parse_args()
     device = default_device()
     budget = Budget('quick', 4, 64, 256, 128) if args.quick else get_budget('full')
+    if args.calib_samples: budget = dataclasses.replace(budget, calib_samples=args.calib_samples)
     q4km = Budget('quick', 0, 0, 256, 128) if args.quick else Q4_K_M
     model, tokenizer = load_model(device=device)
     out = Path(args.out)
@@ -122,7 +124,7 @@ def main():
                                                    trace=traceback.format_exc()[-2000:]))
                     print('FAILED', label, bits, seed, repr(error)[:300], flush=True); save(); continue
                 sync(device); seconds = time.perf_counter() - start
-                row = dict(label=label, source=source, method=method, settings=cfg, bits=bits, seed=seed,
+                row = dict(label=label, source=source, calibration=list(calibration.shape), method=method, settings=cfg, bits=bits, seed=seed,
                            seconds=seconds, seconds_per_block=seconds / len(decoder_blocks(model)[1]),
                            bits_per_weight=model_bits(work) if source == 'ours' else None,
                            perplexity=evaluate(work, tokenizer, budget, progress=False)['perplexity'],
