@@ -598,7 +598,9 @@ def register_method(method: Method):
 
 def layer_classes() -> dict[str, type]:
     "The registered layer classes, by the `method` their configs name."
-    return {m.layer.method: m.layer for m in METHODS.values()}
+    # the method named like the layer's own `method` has the last word (e.g. 'gptq', not 'awq_gptq')
+    classes = {m.layer.method: m.layer for m in METHODS.values()}
+    return classes | {m.name: m.layer for m in METHODS.values() if m.name == m.layer.method}
 
 # %% ../nbs/00_core.ipynb #2041b424
 def _figure_png(fig, dpi: int = 80) -> str:

@@ -1,0 +1,119 @@
+"AWQ: batched losses against the naive loop, exact folding on every architecture, the search, faults."
+import copy, math, warnings
+import pytest, torch
+from torch import nn
+from quantcourse import awq
+from quantcourse.awq import (awq_model, awq_block, scale_groups, record_block, grid_losses, search_scale,
+                             ScaleGroup, channel_means, awq_scales)
+from quantcourse.core import decoder_blocks, block_inputs, linear_groups
+from quantcourse.api import quantize_model
+from tiny_models import ARCHS, build, calibration as tiny_calibration
+
+ARCH_NAMES = [a for a in ARCHS if ARCHS[a].smoothable]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _block_and_groups(model, ids, index=0, **settings):
+    _, blocks = decoder_blocks(model)
+    hidden, kwargs = block_inputs(model, ids)
+    for i in range(index): hidden = blocks[i](hidden, **kwargs[i]); hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    block = copy.deepcopy(blocks[index])
+    return block, hidden, kwargs[index], scale_groups(block, linear_groups(block, hidden, kwargs[index]), **settings)
+
+
+def test_batched_losses_equal_one_call_per_candidate():
+    model, ids = build('llama'), tiny_calibration(4, 32)
+    block, hidden, kwargs, groups = _block_and_groups(model, ids, gqa_v_to_o=True)
+    inputs, replays = record_block(block, hidden, kwargs, [g.names[0] for g in groups], [g.inspect for g in groups])
+    for g in groups:
+        replay = replays[g.inspect]
+        linears = {n.removeprefix(g.inspect).lstrip('.'): block.get_submodule(n) for n in g.names}
+        tries = [{n: l.weight * (1 + 0.05 * k) for n, l in linears.items()} for k in range(1, 6)]
+        key = lambda n: f'{n}.weight' if n else 'weight'
+        naive = [(replay({key(n): w for n, w in t.items()}) - replay.output).pow(2).mean().item() for t in tries]
+        got = grid_losses(replay, linears, tries)
+        assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(got, naive)), (g.inspect, got, naive)
+
+
+@pytest.mark.parametrize('arch', ARCH_NAMES)
+def test_folding_keeps_the_function(arch):
+    "Scales only (no clip): the float model's logits are unchanged to float tolerance, on every architecture."
+    model, ids = build(arch), tiny_calibration(4, 32)
+    folded = copy.deepcopy(model)
+    factors = awq_model(folded, ids, progress=False, gqa_v_to_o=True)
+    assert any(len(f) for f in factors)
+    with torch.no_grad(): a, b = model(ids, use_cache=False).logits, folded(ids, use_cache=False).logits
+    assert ((a - b).norm() / a.norm()).item() < 1e-5
+    changed = [n for (n, p), (_, q) in zip(model.named_parameters(), folded.named_parameters()) if not torch.equal(p, q)]
+    assert changed, 'the factors were folded somewhere'
+
+
+def test_tied_value_factors_fold_under_grouped_query_attention():
+    model, ids = build('llama'), tiny_calibration(4, 32)  # 4 query heads, 2 key/value heads
+    block, hidden, kwargs, groups = _block_and_groups(model, ids, gqa_v_to_o=True)
+    tied = next(g for g in groups if g.kind == 'heads')
+    assert (tied.source, tied.names, tied.repeat, tied.head_dim) == ('self_attn.v_proj', ['self_attn.o_proj'], 2, 32)
+    assert not any(g.kind == 'heads' for g in scale_groups(block, linear_groups(block, hidden, kwargs)))
+    before = block(hidden, **kwargs); before = before[0] if isinstance(before, tuple) else before
+    awq.fold_group(block, tied, torch.rand(64) + 0.5)
+    after = block(hidden, **kwargs); after = after[0] if isinstance(after, tuple) else after
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
+def test_search_is_never_worse_than_round_to_nearest():
+    model, ids = build('qwen2'), tiny_calibration(4, 32)
+    block, hidden, kwargs, groups = _block_and_groups(model, ids)
+    inputs, replays = record_block(block, hidden, kwargs, [g.names[0] for g in groups], [g.inspect for g in groups])
+    for g in groups:
+        factors, alpha, losses = search_scale(block, g, inputs[g.names[0]], replays[g.inspect], bits=3, group_size=32)
+        assert losses[int(alpha * 20)] == min(losses) <= losses[0] and factors.shape == (block.get_submodule(g.names[0]).in_features,)
+
+
+def test_a_nan_loss_skips_that_alpha_with_a_warning(monkeypatch):
+    model, ids = build('llama'), tiny_calibration(2, 16)
+    block, hidden, kwargs, groups = _block_and_groups(model, ids)
+    inputs, replays = record_block(block, hidden, kwargs, [groups[0].names[0]], [groups[0].inspect])
+    monkeypatch.setattr(awq, 'grid_losses', lambda *a: [float('nan'), 1.0, 0.5, float('inf')])
+    with pytest.warns(UserWarning, match=r"alpha=0.0 gives a loss of nan at model.layers.0.self_attn"):
+        _, alpha, _ = search_scale(block, groups[0], inputs[groups[0].names[0]], replays[groups[0].inspect], grid=4,
+                                   group_size=32, label='model.layers.0.')
+    assert alpha == 0.5
+    monkeypatch.setattr(awq, 'grid_losses', lambda *a: [float('nan')] * 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        with pytest.raises(ValueError, match='every alpha gives a NaN or infinite loss at self_attn'):
+            search_scale(block, groups[0], inputs[groups[0].names[0]], replays[groups[0].inspect], grid=4, group_size=32)
+
+
+def test_reported_baseline_is_rtn_of_the_unscaled_layer():
+    "Block 0 sees the same inputs in both runs: AWQ's rtn_error is RTN's own error on the unscaled layer."
+    model, ids = build('llama'), tiny_calibration(4, 32)
+    awq_rows = {r['layer']: r for r in quantize_model(copy.deepcopy(model), 'awq', calibration=ids, progress=False,
+                                                      group_size=32).rows}
+    rtn_rows = {r['layer']: r for r in quantize_model(copy.deepcopy(model), 'rtn', calibration=ids, progress=False,
+                                                      group_size=32).rows}
+    for name in ('model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.k_proj', 'model.layers.0.self_attn.v_proj'):
+        assert math.isclose(awq_rows[name]['rtn_error'], rtn_rows[name]['error'], rel_tol=1e-4)
+    assert sum(r['error'] < r['rtn_error'] for r in awq_rows.values()) > len(awq_rows) / 2
+
+
+@pytest.mark.parametrize('settings, message', [(dict(grid=1), 'grid must be'), (dict(grid=2.5), 'grid must be'),
+                                               (dict(group_size=48), 'does not divide'), (dict(bits=1), 'bits')])
+def test_bad_settings_change_nothing(settings, message):
+    model, ids = build('llama'), tiny_calibration(2, 16)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises((ValueError, TypeError), match=message):
+        quantize_model(model, 'awq', calibration=ids, progress=False, **settings)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_scales_and_means_checks():
+    with pytest.raises(ValueError, match='NaN or Inf'): channel_means(torch.tensor([[1.0, float('nan')]]))
+    s = awq_scales(torch.tensor([0.0, 1.0, 4.0]), 0.5)
+    assert torch.isfinite(s).all() and (s > 0).all()
