@@ -33,8 +33,9 @@ model: $(STAMP)
 	$(PY) -c "from quantcourse.core import load_model, cache_dir, MODEL_NAME; load_model(device='cpu'); print('model:', cache_dir()/MODEL_NAME)"
 
 execute: setup
-	$(BIN)/nbdev-export
+	$(BIN)/nbdev-export && $(PY) tools/wrap_exports.py
 	$(PY) tools/execute_nbs.py
+	$(PY) tools/wrap_exports.py
 	$(BIN)/nbdev-clean
 	$(PY) tools/make_readme.py
 
@@ -47,7 +48,7 @@ readme: $(STAMP)
 # fail if exporting, cleaning or regenerating the README would change a tracked file
 check-sync: $(STAMP)
 	@before=$$(git diff --no-color | sha1sum); \
-	$(BIN)/nbdev-export; $(BIN)/nbdev-clean; $(PY) tools/make_readme.py; \
+	$(BIN)/nbdev-export; $(PY) tools/wrap_exports.py; $(BIN)/nbdev-clean; $(PY) tools/make_readme.py; \
 	after=$$(git diff --no-color | sha1sum); \
 	untracked=$$(git ls-files --others --exclude-standard quantcourse nbs README.md); \
 	if [ "$$before" != "$$after" ] || [ -n "$$untracked" ]; then \

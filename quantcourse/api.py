@@ -1,4 +1,6 @@
-"""Every method of the course behind one call, one report and one file format: quantize any decoder-only transformers model block by block, see what each layer cost, save it to safetensors and load it back bit for bit.
+"""Every method of the course behind one call, one report and one file format: quantize any
+decoder-only transformers model block by block, see what each layer cost, save it to safetensors and
+load it back bit for bit.
 
 Docs: https://quantcourse.github.io/quantcourse/api.html.md"""
 
@@ -223,8 +225,9 @@ def quantize_model(
             folded, original = None, None
             if spec.prepare_block:
                 original = copy.deepcopy(work)
-                folded = spec.prepare_block(work, hidden, kwargs[i], **_accepted(
-                    spec.prepare_block, dict(settings, groups=structures[key], name=f'{prefix}.{i}')))
+                options = dict(settings, groups=structures[key], name=f'{prefix}.{i}')
+                folded = spec.prepare_block(work, hidden, kwargs[i],
+                                            **_accepted(spec.prepare_block, options))
             hidden = _quantize_block(work, targets[i], spec, settings, full_name, rows, hidden,
                                      kwargs[i], structures[key], folded, original)
         done[i] = work

@@ -1,4 +1,6 @@
-"""Find the few weights that matter from the activations they multiply, protect them by scaling their input channels before rounding, fold the scales into the layer before, and measure it on SmolLM2 beside GPTQ and llm-compressor.
+"""Find the few weights that matter from the activations they multiply, protect them by scaling
+their input channels before rounding, fold the scales into the layer before, and measure it on
+SmolLM2 beside GPTQ and llm-compressor.
 
 Docs: https://quantcourse.github.io/quantcourse/awq.html.md"""
 
@@ -18,9 +20,9 @@ from .outliers import fold_input_factors
 from .gptq import Hessian
 
 # %% auto #0
-__all__ = ['CLIP_SKIPPED', 'AWQ_SETTINGS', 'channel_means', 'activation_means', 'awq_scales', 'weight_means', 'ScaleGroup',
-           'scale_groups', 'fold_group', 'Replay', 'record_block', 'grid_losses', 'search_scale', 'search_clip',
-           'apply_clip', 'awq_block', 'awq_model']
+__all__ = ['CLIP_SKIPPED', 'AWQ_SETTINGS', 'channel_means', 'activation_means', 'awq_scales',
+          'weight_means', 'ScaleGroup', 'scale_groups', 'fold_group', 'Replay', 'record_block',
+          'grid_losses', 'search_scale', 'search_clip', 'apply_clip', 'awq_block', 'awq_model']
 
 # %% ../nbs/05_awq.ipynb #dfec5ea2
 def channel_means(x: torch.Tensor, # a layer's inputs, (..., in_features)
@@ -255,7 +257,7 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, # a linear's weight and i
     x = x[torch.linspace(0, len(x) - 1, min(tokens, len(x)), device=x.device).long()]
     x_groups = x.view(len(x), width // group_size, group_size).transpose(0, 1) # (groups, tokens, g)
     w_groups = w.view(rows, -1, group_size)
-    exact = x_groups @ w_groups.permute(1, 2, 0)                             # (groups, tokens, rows)
+    exact = x_groups @ w_groups.permute(1, 2, 0)  # (groups, tokens, rows)
     top = w_groups.abs().amax(-1, keepdim=True)
     best_error, best = torch.full(top.shape, math.inf, device=w.device), top.clone()
     for i in range(int(max_shrink * grid)):
@@ -337,7 +339,8 @@ def _awq(linear: nn.Linear, statistics, bits: int, group_size: int, symmetric: b
     return QuantLinear.from_linear(linear, bits, group_size, symmetric)
 
 register_method(Method('awq', QuantLinear,
-                       dict(bits=4, group_size=64, symmetric=False, **AWQ_SETTINGS), _awq, needs_calibration=True, prepare_block=awq_block, baseline='rtn',
+                       dict(bits=4, group_size=64, symmetric=False, **AWQ_SETTINGS), _awq,
+                       needs_calibration=True, prepare_block=awq_block, baseline='rtn',
                        sequential=False,
                        doc='AWQ: per-channel factors from mean |x| folded into the layer before, '
                            'then round-to-nearest'))

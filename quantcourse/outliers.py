@@ -1,4 +1,6 @@
-"""Eight bits are plenty for the weights; the trouble is a few huge activations. Measure them, watch naive INT8 fail on them, then keep them in 16 bits (LLM.int8()) or move them into the weights (SmoothQuant).
+"""Eight bits are plenty for the weights; the trouble is a few huge activations. Measure them, watch
+naive INT8 fail on them, then keep them in 16 bits (LLM.int8()) or move them into the weights
+(SmoothQuant).
 
 Docs: https://quantcourse.github.io/quantcourse/outliers.html.md"""
 
@@ -17,10 +19,11 @@ from .scales import scale_zero, quantize_codes, quantize_weight, QuantizedWeight
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['EXACT_BLOCK', 'GRANULARITIES', 'FLOAT16_MAX', 'ChannelStats', 'input_stats', 'int8_matmul', 'quantize_activations',
-           'W8A8Linear', 'int8_vectorwise_quant', 'RowwiseInt8Weight', 'LLMInt8Linear', 'smooth_scales',
-           'fold_input_factors', 'smooth_norm_linears', 'smooth_up_down', 'smoothing_inputs', 'smooth_block',
-           'smoothing_statistics', 'smooth_model']
+__all__ = ['EXACT_BLOCK', 'GRANULARITIES', 'FLOAT16_MAX', 'ChannelStats', 'input_stats',
+          'int8_matmul', 'quantize_activations', 'W8A8Linear', 'int8_vectorwise_quant',
+          'RowwiseInt8Weight', 'LLMInt8Linear', 'smooth_scales', 'fold_input_factors',
+          'smooth_norm_linears', 'smooth_up_down', 'smoothing_inputs', 'smooth_block',
+          'smoothing_statistics', 'smooth_model']
 
 # %% ../nbs/03_outliers.ipynb #de3bd315
 @dataclass
@@ -335,7 +338,7 @@ def fold_input_factors(source: nn.Module, # a norm (per-channel weight, maybe bi
                        factors: torch.Tensor, # one per output channel of `source`
                        # one per input column of the linears (default: `factors`)
                        column_factors: torch.Tensor|None = None):
-    "Divide `source`'s output channels by `factors`, multiply the linears' columns: the same function."
+    "Divide `source`'s output channels by `factors` and multiply the linears' columns to match."
     columns = (factors if column_factors is None else column_factors).to(linears[0].weight.device)
     factors = factors.to(source.weight.device)
     if isinstance(source, nn.Linear): source.weight.div_(factors[:, None].to(source.weight.dtype))

@@ -152,3 +152,17 @@ def test_callouts_are_boxes_in_headless_chromium(site, tmp_path):
             assert float(width) >= 2 and style == 'solid', f'{page.name}: a callout has no left border ({box})'
             assert header not in ('none', 'transparent', 'rgba(0, 0, 0, 0)'), f'{page.name}: a callout header is not tinted ({box})'
             assert int(height) > 20, f'{page.name}: a callout is flat ({box})'
+
+
+
+def test_module_lines_fit_the_site():
+    "Generated module lines fit 100 columns once tools/wrap_exports.py rewraps nbdev's docstring and `__all__`."
+    import importlib.util
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location('wrap_exports', root / 'tools' / 'wrap_exports.py')
+    wrap = importlib.util.module_from_spec(spec); spec.loader.exec_module(wrap)
+    # wrapped here too: a notebook's own export cell, run by the notebook tests, writes nbdev's widths back
+    long = [f'{p.name}:{i}' for p in sorted((root / 'quantcourse').glob('*.py')) if p.name != '_modidx.py'
+            for i, line in enumerate(wrap.wrap_module(p.read_text()).splitlines(), 1) if len(line) > 100]
+    assert long == [], f"lines over 100 characters: {long}; wrap them in the notebook cell"
