@@ -19,7 +19,9 @@ from .core import (METHODS, QuantizedLinear, decoder_blocks, block_inputs, run_b
 from . import scales, outliers, gptq, awq, nf4  # importing a method's module registers it
 
 # %% auto #0
-__all__ = ['QuantReport', 'quantize_model', 'save_quantized', 'load_quantized']
+__all__ = ['QuantReport', 'quantize_model', 'save_quantized', 'load_quantized', 'to_ct_codes',
+          'from_ct_codes', 'ct_scheme', 'ct_tensors', 'ct_config', 'export_compressed_tensors',
+          'load_compressed_tensors']
 
 # %% ../nbs/20_api.ipynb #e6b22fb3
 @dataclass
@@ -293,4 +295,200 @@ def load_quantized(
     try: load_tensors(model, str(path), strict=True, device=str(device))
     except RuntimeError as e:
         raise ValueError(f"{path} does not fit the model: {str(e)[:600]}") from None
+    return model
+
+# %% ../nbs/20_api.ipynb #62f1cdc0
+_CT_OFFSET = 8  # compressed-tensors' int4 codes are signed, -8..7; ours with a zero-point are 0..15
+
+def to_ct_codes(codes: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    "Our int4 codes (or zero-points) as compressed-tensors' signed int8: unsigned ones shift by -8."
+    return codes if symmetric else (codes.to(torch.int16) - _CT_OFFSET).to(torch.int8)
+
+def from_ct_codes(codes: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    "Compressed-tensors' signed int8 codes back to ours: int8 if `symmetric`, else uint8 0..15."
+    if symmetric: return codes.to(torch.int8)
+    return (codes.to(torch.int16) + _CT_OFFSET).to(torch.uint8)
+
+def ct_scheme(group_size: int|str, symmetric: bool):
+    "compressed-tensors' scheme for int4 weights in groups of `group_size` (or per 'channel')."
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    strategy = dict(strategy='channel') if group_size == 'channel' else dict(strategy='group',
+                                                                            group_size=group_size)
+    weights = QuantizationArgs(num_bits=4, type='int', symmetric=symmetric, observer='minmax',
+                               **strategy)
+    return QuantizationScheme(targets=['Linear'], weights=weights, format='pack-quantized')
+
+# %% ../nbs/20_api.ipynb #f7a3e37c
+def _check_exportable(name: str, layer: nn.Module):
+    "Raise unless `layer` holds int4 group weights that pack-quantized can store as they are."
+    if not isinstance(layer, scales.QuantLinear):
+        raise TypeError(f"{name} is a {type(layer).__name__} (method {layer.method!r}); "
+                        "pack-quantized stores integer group weights: quantize with 'rtn', "
+                        "'awq', 'gptq' or 'awq_gptq'")
+    if layer.bits != 4:
+        raise ValueError(f"{name} has bits={layer.bits}; the export writes int4 only: quantize "
+                         "with bits=4")
+    if layer.group_size == 'tensor':
+        raise ValueError(f"{name} has group_size='tensor'; vLLM's int4 kernels take groups or "
+                         "'channel': quantize with group_size=64 (or 32, 128, 'channel')")
+    if isinstance(layer, gptq.GPTQLinear) and layer.permuted:
+        raise ValueError(f"{name} keeps a column order (GPTQ act_order=True with groups found "
+                         "on the fly), which compressed-tensors no longer stores (its "
+                         "actorder='group', weight_g_idx); quantize with act_order=True, "
+                         "static_groups=True, or act_order=False")
+
+# %% ../nbs/20_api.ipynb #811d0784
+def ct_tensors(layer: scales.QuantLinear, scheme, scale_dtype=torch.float32) -> dict:
+    "One layer's pack-quantized tensors, written by compressed-tensors' own compressor."
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    q = scales.QuantLinear.weight(layer)  # the codes as stored (checked: in the original order)
+    state = dict(weight=q.dequantize(torch.float32), weight_scale=q.scale.to(scale_dtype))
+    if not q.symmetric: state['weight_zero_point'] = to_ct_codes(q.zero, False)
+    # it rounds weight / scale + zero-point again: exact here, (code - zero) * scale in float32
+    out = PackedQuantizationCompressor.compress(state, scheme)
+    if not torch.equal(unpack_from_int32(out['weight_packed'], 4, q.shape),
+                       to_ct_codes(q.codes, q.symmetric)):
+        raise RuntimeError("compressed-tensors' compressor changed the codes")  # never seen
+    return out | ({} if layer.bias is None else dict(bias=layer.bias))
+
+# %% ../nbs/20_api.ipynb #24bf9819
+def ct_config(model, scheme):
+    "compressed-tensors' config: `scheme` for the quantized linears, the float ones ignored."
+    from compressed_tensors.quantization import QuantizationConfig
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]  # e.g. lm_head
+    return QuantizationConfig(config_groups=dict(group_0=scheme), format='pack-quantized',
+                              ignore=ignore, quantization_status='compressed')
+
+def _one_scheme(layers: dict):
+    "The scheme all `layers` share; transformers dequantizes every layer with one scheme."
+    kinds = {}
+    for name, layer in layers.items(): kinds.setdefault((layer.group_size, layer.symmetric), name)
+    if len(kinds) > 1:
+        raise ValueError("the quantized layers mix group_size, symmetric = "
+                         f"{', '.join(f'{k} ({n})' for k, n in kinds.items())}; transformers "
+                         "reads one scheme for every layer: quantize them all alike")
+    return ct_scheme(*next(iter(kinds)))
+
+def _add_notes(folder: Path, layers: dict, scheme):
+    "Our layers' configs beside the model; for zero-points, ask transformers to dequantize."
+    (folder / 'quantcourse.json').write_text(json.dumps(dict(
+        format=1, layers={n: m.config() for n, m in layers.items()}), indent=1))
+    if scheme.weights.symmetric: return
+    path = folder / 'config.json'; saved = json.loads(path.read_text())
+    # transformers 5 builds its compressed layers on the meta device, where compressed-tensors
+    # 0.19 leaves zero-points unpacked and so refuses the packed ones (llm-compressor#1618)
+    saved['quantization_config']['dequantize'] = True
+    path.write_text(json.dumps(saved, indent=2, sort_keys=True))
+
+# %% ../nbs/20_api.ipynb #8b8b1e30
+def _ct_state(model, layers: dict, scheme, scale_dtype) -> dict:
+    "The model's float tensors as they are; each quantized layer's packed ones instead of its own."
+    state = {k: v for k, v in model.state_dict().items() if k.rpartition('.')[0] not in layers}
+    for name, layer in layers.items():
+        packed = ct_tensors(layer, scheme, scale_dtype)
+        state |= {f'{name}.{k}': v for k, v in packed.items()}
+    return state
+
+def export_compressed_tensors(
+    model, # a transformers model whose quantized layers hold int4 weights ('rtn', 'awq', 'gptq')
+    folder: str|Path, # written like `save_pretrained`: config.json and model.safetensors
+    tokenizer=None, # saved beside the model, if given
+    # float32: transformers dequantizes exactly our weights; float16: what the layers hold
+    scale_dtype: torch.dtype = torch.float32,
+) -> Path:
+    "Write `model` as a compressed-tensors pack-quantized folder that transformers and vLLM load."
+    from compressed_tensors.compressors import ModelCompressor
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if not layers:
+        raise ValueError("the model has no quantized layers; quantize it with `quantize_model` "
+                         "first")
+    if scale_dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"scale_dtype must be torch.float32 or torch.float16, got {scale_dtype}")
+    for name, layer in layers.items(): _check_exportable(name, layer)
+    scheme = _one_scheme(layers)
+    model.save_pretrained(folder, state_dict=_ct_state(model, layers, scheme, scale_dtype))
+    ModelCompressor(quantization_config=ct_config(model, scheme)).update_config(str(folder))
+    _add_notes(Path(folder), layers, scheme)
+    if tokenizer is not None: tokenizer.save_pretrained(folder)
+    return Path(folder)
+
+# %% ../nbs/20_api.ipynb #51dd548a
+def _ct_weight(name: str, tensors: dict, scheme) -> scales.QuantizedWeight:
+    "Our weight from one module's pack-quantized tensors, unpacked by compressed-tensors."
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    w, shape = scheme.weights, tuple(tensors['weight_shape'].tolist())
+    if w.num_bits != 4 or w.type != 'int' or w.strategy not in ('group', 'channel'):
+        raise ValueError(f"{name}: only int4 group or channel weights load into our layers, "
+                         f"not {w.num_bits}-bit {w.type} {w.strategy}")
+    scale = tensors['weight_scale'].half()
+    if not torch.equal(scale.to(tensors['weight_scale'].dtype), tensors['weight_scale']):
+        raise ValueError(f"{name}: its scales do not fit float16, which our layers hold")
+    codes = from_ct_codes(unpack_from_int32(tensors['weight_packed'], 4, shape), w.symmetric)
+    zero = None if w.symmetric else from_ct_codes(unpack_from_int32(
+        tensors['weight_zero_point'], 4, scale.shape, packed_dim=0), False)
+    group_size = w.group_size if w.strategy == 'group' else 'channel'
+    return scales.QuantizedWeight(codes, scale, zero, 4, group_size, w.symmetric, shape)
+
+def _ct_layer(name: str, q, bias: torch.Tensor|None, config: dict|None) -> QuantizedLinear:
+    "Our layer holding `q`: of the saved `config`'s class if given, else a `QuantLinear`."
+    settings = dict(bits=4, group_size=q.group_size, symmetric=q.symmetric)
+    config = config or dict(method='rtn', in_features=q.shape[1], out_features=q.shape[0],
+                            bias=bias is not None, **settings)
+    if {k: config.get(k) for k in settings} != settings:
+        raise ValueError(f"{name}: quantcourse.json says {config}, the tensors {settings}")
+    layer = layer_classes()[config['method']].from_config(config)
+    for key, tensor in q.tensors().items(): getattr(layer, key).copy_(tensor)
+    if bias is not None: layer.bias.copy_(bias)
+    return layer
+
+def _ct_modules(folder: Path) -> dict[str, dict]:
+    "The tensors of every module with a `weight_packed`, by module name, from the safetensors."
+    from safetensors import safe_open
+    files = {}
+    for path in sorted(folder.glob('*.safetensors')):
+        with safe_open(str(path), 'pt') as f: files |= {key: path for key in f.keys()}
+    modules = {k.rpartition('.')[0]: {} for k in files if k.endswith('.weight_packed')}
+    for key, path in files.items():
+        name, _, local = key.rpartition('.')
+        if name in modules:
+            with safe_open(str(path), 'pt') as f: modules[name][local] = f.get_tensor(key)
+    return modules
+
+def _ct_config_of(folder: Path) -> dict:
+    "The `quantization_config` of `folder`'s config.json, if it is compressed-tensors' packed int."
+    path = folder / 'config.json'
+    if not path.exists(): raise ValueError(f"{folder} has no config.json: not a model folder")
+    saved = json.loads(path.read_text()).get('quantization_config') or {}
+    if (saved.get('quant_method'), saved.get('format')) != ('compressed-tensors',
+                                                            'pack-quantized'):
+        raise ValueError(f"{folder} is not a compressed-tensors pack-quantized model (its "
+                         f"quantization_config: {saved.get('quant_method')!r}, "
+                         f"format {saved.get('format')!r})")
+    return saved
+
+def load_compressed_tensors(
+    folder: str|Path, # a pack-quantized folder: ours, or int4 group/channel ones from elsewhere
+):
+    "Load `folder` with transformers, then rebuild its int4 linears as our layers, bit for bit."
+    import warnings
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils import is_match
+    folder = Path(folder); saved = _ct_config_of(folder)
+    with warnings.catch_warnings():  # loading attributes replaced: the rest of the config is used
+        warnings.filterwarnings('ignore', message='You passed `quantization_config`')
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=CompressedTensorsConfig(dequantize=True))
+    model.hf_quantizer, model.is_quantized = None, False  # now a float model with our layers
+    if hasattr(model.config, 'quantization_config'): del model.config.quantization_config
+    config, notes = QuantizationConfig.model_validate(saved), folder / 'quantcourse.json'
+    ours = json.loads(notes.read_text())['layers'] if notes.exists() else {}
+    for name, tensors in _ct_modules(folder).items():
+        module = model.get_submodule(name)
+        scheme = next((s for s in config.config_groups.values()
+                       if is_match(name, module, s.targets, config.ignore)), None)
+        if scheme is None: raise ValueError(f"{name}: no config group of {folder} targets it")
+        q = _ct_weight(name, tensors, scheme)
+        _set_module(model, name, _ct_layer(name, q, tensors.get('bias'), ours.get(name)))
     return model
