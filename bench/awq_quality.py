@@ -7,14 +7,19 @@ groups of 64, asymmetric, quantizes the course model with
   factors tied over the GQA heads and folded into v_proj; GPTQ (act order, static groups); AWQ then GPTQ;
 - vllm-project's llm-compressor `AWQModifier` + `QuantizationModifier` (W4/W3 asym g64) on the same
   calibration tokens, duo scaling on (its default) and off, where llmcompressor imports;
+- mit-han-lab's llm-awq (its run_awq, apply_awq and pseudo_quantize_model_weight, scales + clip) from the
+  ignored peers/llm-awq (bench/get_llm_awq.sh), through bench/llm_awq_peer.py;
 and evaluates each on the whole evaluation novel (budget 'full', context 1024) and on its first 20,460 tokens
 at context 1024 (where llama.cpp's Q4_K_M mix gives 27.33). The check runs in float32; after it, matrix
 products run in TF32 (recorded).
 Writes a JSON naming the card, the commit and the time (benchmeta.run_metadata) to --out
 (default bench/results/awq_quality.json), after every row, so a run stopped at its limit keeps what it did.
+Tasks run the most wanted first (every seed of the essential rows, then the extras on the first seed);
+`--claims FOLDER` lets several processes share one card (bench/awq_parallel.sh), `--done` skips rows
+recorded already, `--merge` joins the workers' files.
 `--quick` runs a tiny budget (on a CPU too) to show the script works; its numbers mean nothing.
 """
-import argparse, copy, dataclasses, json, time, traceback, warnings
+import argparse, copy, dataclasses, json, os, sys, time, traceback, warnings
 from pathlib import Path
 import torch
 from quantcourse.core import (Budget, load_model, get_budget, calibration_samples, evaluate, default_device,
@@ -75,6 +80,76 @@ def llm_compressor(model, tokenizer, calibration, bits, duo):
     return model
 
 
+ESSENTIAL = ['RTN', 'AWQ', 'AWQ + clip', 'AWQ duo', 'GPTQ act order, static groups', 'AWQ then GPTQ']
+PEERS = [('llm-compressor AWQ', None, dict(duo=False), 'llm-compressor'),
+         ('llm-compressor AWQ (duo)', None, dict(duo=True), 'llm-compressor'),
+         ('llm-awq (scale + clip)', None, {}, 'llm-awq')]
+
+
+def tasks(seeds, bits_list, peers: bool, only=None, first_seed_extras=True):
+    "Every (label, method, settings, source, seed, bits) to run, the most wanted first."
+    ours = {label: (label, method, cfg, 'ours') for label, method, cfg in OURS}
+    wanted = [ours[l] for l in ESSENTIAL]
+    if peers: wanted += [PEERS[0], PEERS[2]]
+    todo = [(*run, seed, bits) for run in wanted for seed in seeds for bits in bits_list]
+    # the rest (tied o_proj factors, llm-compressor's duo) on the first seed only
+    extras = [r for r in OURS if r[0] not in ESSENTIAL]
+    extras = [(*r, 'ours') for r in extras] + ([PEERS[1]] if peers else [])
+    if first_seed_extras: todo += [(*run, seeds[0], bits) for run in extras for bits in bits_list]
+    return [t for t in todo if not only or t[0] in only]
+
+
+def claim(folder: Path|None, task) -> bool:
+    "Take `task` for this process (an exclusive file in `folder`); False if another took it."
+    if folder is None: return True
+    label, *_, seed, bits = task
+    name = f"{label}-{seed}-{bits}".replace(' ', '_').replace('/', '_').replace('>', '')
+    try: (folder / name).open('x').close(); return True
+    except FileExistsError: return False
+
+
+def done_rows(paths) -> set:
+    "(label, seed, bits) of the rows already in these JSON files."
+    rows = [r for p in paths for r in json.loads(Path(p).read_text()).get('rows', [])]
+    return {(r['label'], r['seed'], r['bits']) for r in rows}
+
+
+def merge(out: Path, parts: list[str], notes: str|None):
+    "One JSON from several workers' files: the first one's metadata, every row, every failure."
+    loaded = [json.loads(Path(p).read_text()) for p in parts]
+    head = next((r for r in loaded if 'correctness' in r), loaded[0])
+    result = {k: v for k, v in head.items() if k not in ('rows', 'failures')}
+    result['rows'] = [row for r in loaded for row in r.get('rows', [])]
+    result['failures'] = [f for r in loaded for f in r.get('failures', [])]
+    if notes: result['notes'] = notes
+    out.write_text(json.dumps(result, indent=1))
+    print(f"{out}: {len(result['rows'])} rows, {len(result['failures'])} failures from {len(parts)} files")
+
+
+def run_task(task, model, tokenizer, calibration, budget, q4km, device) -> dict:
+    "Quantize a copy of `model` as `task` says; its row."
+    label, method, cfg, source, seed, bits = task
+    work = copy.deepcopy(model)
+    sync(device); start = time.perf_counter()
+    if source == 'llm-compressor': llm_compressor(work, tokenizer, calibration, bits, cfg['duo'])
+    elif source == 'llm-awq':
+        from llm_awq_peer import llm_awq
+        work = llm_awq(work, tokenizer, calibration, bits)
+    else:
+        quantize_model(work, method, calibration=None if method == 'rtn' else calibration,
+                       bits=bits, group_size=64, symmetric=False, progress=False, **cfg)
+    sync(device); seconds = time.perf_counter() - start
+    row = dict(label=label, source=source, calibration=list(calibration.shape), method=method, settings=cfg,
+               bits=bits, seed=seed, seconds=seconds, seconds_per_block=seconds / len(decoder_blocks(model)[1]),
+               bits_per_weight=model_bits(work) if source == 'ours' else None,
+               perplexity=evaluate(work, tokenizer, budget, progress=False)['perplexity'],
+               perplexity_20460=evaluate(work, tokenizer, q4km, progress=False)['perplexity'],
+               worker=os.environ.get('AWQ_WORKER'))
+    del work
+    if device.type == 'cuda': torch.cuda.empty_cache()
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out', default=str(Path(__file__).parent / 'results' / 'awq_quality.json'))
@@ -84,8 +159,16 @@ def main():
     parser.add_argument('--peers', action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument('--append', action='store_true', help='add to the rows already in --out')
     parser.add_argument('--calib-samples', type=int, default=None, help='calibration sequences (default: the budget)')
+    parser.add_argument('--claims', default=None,
+                        help='a folder shared by several processes on one card: each takes the next task not taken')
+    parser.add_argument('--done', nargs='*', default=[], help="JSON files whose rows need not run again")
+    parser.add_argument('--check', action=argparse.BooleanOptionalAction, default=True,
+                        help='the float32 correctness check first (one process of several is enough)')
+    parser.add_argument('--merge', nargs='+', default=None, help='write --out from these workers\' files, run nothing')
+    parser.add_argument('--notes', default=None, help="with --merge: the result's notes")
     parser.add_argument('--quick', action='store_true')
     args = parser.parse_args()
+    if args.merge: return merge(Path(args.out), args.merge, args.notes)
     device = default_device()
     budget = Budget('quick', 4, 64, 256, 128) if args.quick else get_budget('full')
     if args.calib_samples: budget = dataclasses.replace(budget, calib_samples=args.calib_samples)
@@ -95,44 +178,32 @@ def main():
     result = json.loads(out.read_text()) if args.append and out.exists() else {}
     result.update(run_metadata(device), budget=str(budget), matmul='tf32', group_size=64, symmetric=False)
     result.setdefault('rows', []); result.setdefault('failures', [])
-    result['correctness'] = check_correctness(model, calibration_samples(tokenizer, 4, 256), device)
-    print(result['correctness'], flush=True)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # after the float32 check
-    reference = {'perplexity': evaluate(model, tokenizer, budget, progress=False)['perplexity'],
-                 'perplexity_20460': evaluate(model, tokenizer, q4km, progress=False)['perplexity']}
-    result['reference'] = reference
-    print('float32', reference, flush=True)
     def save(): out.write_text(json.dumps(result, indent=1))
-    runs = [(label, method, cfg, 'ours') for label, method, cfg in OURS]
-    if args.peers:
-        runs += [('llm-compressor AWQ (duo)', None, dict(duo=True), 'llm-compressor'),
-                 ('llm-compressor AWQ', None, dict(duo=False), 'llm-compressor')]
-    for seed in args.seeds:
-        calibration = calibration_samples(tokenizer, budget.calib_samples, budget.calib_seq_len, seed=seed)
-        for bits in args.bits:
-            for label, method, cfg, source in runs:
-                if args.only and label not in args.only: continue
-                work = copy.deepcopy(model)
-                sync(device); start = time.perf_counter()
-                try:
-                    if method is None: llm_compressor(work, tokenizer, calibration, bits, cfg['duo'])
-                    else:
-                        quantize_model(work, method, calibration=None if method == 'rtn' else calibration,
-                                       bits=bits, group_size=64, symmetric=False, progress=False, **cfg)
-                except Exception as error:
-                    result['failures'].append(dict(label=label, seed=seed, bits=bits, error=repr(error)[:500],
-                                                   trace=traceback.format_exc()[-2000:]))
-                    print('FAILED', label, bits, seed, repr(error)[:300], flush=True); save(); continue
-                sync(device); seconds = time.perf_counter() - start
-                row = dict(label=label, source=source, calibration=list(calibration.shape), method=method, settings=cfg, bits=bits, seed=seed,
-                           seconds=seconds, seconds_per_block=seconds / len(decoder_blocks(model)[1]),
-                           bits_per_weight=model_bits(work) if source == 'ours' else None,
-                           perplexity=evaluate(work, tokenizer, budget, progress=False)['perplexity'],
-                           perplexity_20460=evaluate(work, tokenizer, q4km, progress=False)['perplexity'])
-                result['rows'].append(row); save()
-                print(f"{label:34s} {bits}b seed {seed}: {row['perplexity']:.3f} ({row['perplexity_20460']:.3f} "
-                      f"on 20,460) in {seconds:.1f} s", flush=True)
-                del work; torch.cuda.empty_cache() if device.type == 'cuda' else None
+    if args.check:
+        result['correctness'] = check_correctness(model, calibration_samples(tokenizer, 4, 256), device)
+        print(result['correctness'], flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # after the float32 check
+    if args.check:
+        result['reference'] = {'perplexity': evaluate(model, tokenizer, budget, progress=False)['perplexity'],
+                               'perplexity_20460': evaluate(model, tokenizer, q4km, progress=False)['perplexity']}
+        print('float32', result['reference'], flush=True)
+    save()
+    claims = Path(args.claims) if args.claims else None
+    if claims: claims.mkdir(parents=True, exist_ok=True)
+    skip, calibrations = done_rows(args.done), {}
+    for task in tasks(args.seeds, args.bits, args.peers, args.only):
+        label, method, cfg, source, seed, bits = task
+        if (label, seed, bits) in skip or not claim(claims, task): continue
+        if seed not in calibrations:
+            calibrations[seed] = calibration_samples(tokenizer, budget.calib_samples, budget.calib_seq_len, seed=seed)
+        try: row = run_task(task, model, tokenizer, calibrations[seed], budget, q4km, device)
+        except Exception as error:
+            result['failures'].append(dict(label=label, seed=seed, bits=bits, error=repr(error)[:500],
+                                           trace=traceback.format_exc()[-2000:]))
+            print('FAILED', label, bits, seed, repr(error)[:300], flush=True); save(); continue
+        result['rows'].append(row); save()
+        print(f"{label:34s} {bits}b seed {seed}: {row['perplexity']:.3f} ({row['perplexity_20460']:.3f} "
+              f"on 20,460) in {row['seconds']:.1f} s", flush=True)
     save()
 
 
