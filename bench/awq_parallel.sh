@@ -7,12 +7,14 @@
 set -uo pipefail
 WORKERS=${1:?usage: bench/awq_parallel.sh WORKERS OUTDIR [args]}; OUTDIR=${2:?}; shift 2
 HERE=$(cd "$(dirname "$0")" && pwd)
+trap 'kill $(jobs -p) 2>/dev/null' TERM INT EXIT  # a stopped run stops its workers too
+PY=${PY:-python3}
 mkdir -p "$OUTDIR/claims"
 for ((i = 0; i < WORKERS; i++)); do
   check=--no-check; [ "$i" = 0 ] && check=--check
-  AWQ_WORKER=$i OMP_NUM_THREADS=1 python "$HERE/awq_quality.py" --claims "$OUTDIR/claims" \
+  AWQ_WORKER=$i OMP_NUM_THREADS=1 $PY "$HERE/awq_quality.py" --claims "$OUTDIR/claims" \
     --out "$OUTDIR/part-$i.json" $check "$@" > "$OUTDIR/log-$i.txt" 2>&1 &
   sleep 2  # the first loads the model while the others wait a little: fewer at once at the start
 done
-wait
+wait; trap - EXIT
 tail -n 3 "$OUTDIR"/log-*.txt

@@ -89,9 +89,9 @@ PEERS = [('llm-compressor AWQ', None, dict(duo=False), 'llm-compressor'),
 def tasks(seeds, bits_list, peers: bool, only=None, first_seed_extras=True):
     "Every (label, method, settings, source, seed, bits) to run, the most wanted first."
     ours = {label: (label, method, cfg, 'ours') for label, method, cfg in OURS}
-    wanted = [ours[l] for l in ESSENTIAL]
-    if peers: wanted += [PEERS[0], PEERS[2]]
-    todo = [(*run, seed, bits) for run in wanted for seed in seeds for bits in bits_list]
+    # a seed's peers (the longest runs) and essential rows of ours, seed by seed
+    wanted = ([PEERS[0], PEERS[2]] if peers else []) + [ours[l] for l in ESSENTIAL]
+    todo = [(*run, seed, bits) for seed in seeds for bits in bits_list for run in wanted]
     # the rest (tied o_proj factors, llm-compressor's duo) on the first seed only
     extras = [r for r in OURS if r[0] not in ESSENTIAL]
     extras = [(*r, 'ours') for r in extras] + ([PEERS[1]] if peers else [])
