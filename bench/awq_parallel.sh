@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run bench/awq_quality.py as WORKERS processes sharing one card: each takes the next task no other has taken
 # (the most wanted first), writes its own JSON after every row, and the first also runs the float32 check.
-# The course model is small: one process leaves the H200 mostly idle (launches, Python), several keep it busy.
+# The course model is small: one process leaves the H200 mostly idle (launches, Python), several keep it busy, but
+# only where they fit: at the full budget (128 x 2048) they do not (about 18 GiB at once each; llm-compressor grows
+# to ~119 GiB): out-of-memory errors. Use it with --calib-samples well below 128 (bench/README.md).
 # Usage:  bench/awq_parallel.sh WORKERS OUTDIR [awq_quality.py arguments...]
 #   then: python bench/awq_quality.py --merge OUTDIR/part-*.json --out bench/results/awq_quality.json
 set -uo pipefail
