@@ -16,7 +16,7 @@ from quantcourse.core import decoder_blocks, QuantizedLinear
 from quantcourse.outliers import smooth_model
 
 ARCH_NAMES = list(ARCHS)
-METHODS = ['rtn', 'gptq', 'nf4', 'fp4', 'w8a8', 'llm_int8', 'smoothquant', 'awq', 'awq_gptq']
+METHODS = ['rtn', 'gptq', 'nf4', 'fp4', 'w8a8', 'llm_int8', 'smoothquant', 'awq', 'awq_gptq', 'gguf_q4_0', 'gguf_q8_0']
 CONFIG = {'rtn': dict(bits=4, group_size=64), 'gptq': dict(bits=4, group_size=64)}  # the others: their defaults
 NEEDS_SMOOTHING = {'smoothquant', 'awq', 'awq_gptq'}  # methods that fold factors into the layer before
 
@@ -272,7 +272,7 @@ def test_gemma3_gptq_errors_use_each_blocks_kwargs(tiny, calib):
 
 # ------------------------------------------------------------------------------------------------ 6. save / load
 SAVE_LOAD = {'rtn': 'llama', 'gptq': 'gemma3', 'nf4': 'phi3', 'fp4': 'qwen2', 'w8a8': 'opt',
-             'llm_int8': 'gpt_neox', 'smoothquant': 'mistral'}
+             'llm_int8': 'gpt_neox', 'smoothquant': 'mistral', 'gguf_q4_0': 'gemma3', 'gguf_q5_1': 'opt', 'gguf_q8_0': 'phi3'}
 
 @pytest.mark.parametrize('method,arch', list(SAVE_LOAD.items()))
 def test_save_load_round_trip(arch, method, quantized, tmp_path):

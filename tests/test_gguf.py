@@ -1,0 +1,201 @@
+"Tests for quantcourse.gguf: llama.cpp's legacy block types byte-identical to the `gguf` package, the layer, bad input."
+import math
+import numpy as np
+import pytest, torch
+from torch import nn
+import torch.nn.functional as F
+import gguf
+from gguf import GGMLQuantizationType
+from safetensors.torch import save_file, load_file
+from quantcourse.core import load_model
+from quantcourse.gguf import (BLOCK_BYTES, BLOCK_SIZE, LEGACY_TYPES, QK_K, TYPE_NAMES, GGUFLinear, block_min,
+                              build_ggml_quants, dequantize, quantize, reference_quantize, round_half_away)
+from quantcourse.api import quantize_model, save_quantized, load_quantized
+from tiny_models import build, calibration
+
+def theirs(w: np.ndarray, type_name: str) -> np.ndarray:
+    return gguf.quants.quantize(w, GGMLQuantizationType[type_name])
+
+def their_values(data: np.ndarray, type_name: str) -> np.ndarray:
+    return gguf.quants.dequantize(data, GGMLQuantizationType[type_name])
+
+def weights(shape, seed=0, std=1.0) -> np.ndarray:
+    "Normal values; every third block on a grid of eighths (rounding ties), every fifth all zero, one constant block."
+    w = np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * np.float32(std)
+    blocks = w.reshape(-1, BLOCK_SIZE)
+    blocks[::3] = np.round(blocks[::3] * 8) / 8
+    blocks[::5] = 0
+    blocks[-1] = np.float32(std)      # a constant block: max == min
+    return w + np.float32(0.0)         # no negative zeros: numpy's min and C's loop may disagree on their sign
+
+SHAPES = [(1, 32), (4, 64), (3, 5, 96), (64, 576), (7, 1536)]
+
+@pytest.mark.parametrize('type_name', LEGACY_TYPES)
+@pytest.mark.parametrize('std', [1.0, 0.02, 1e-4, 300.0])
+def test_bytes_and_values_equal_gguf_on_random_data(type_name, std):
+    for seed, shape in enumerate(SHAPES):
+        w = weights(shape, seed, std)
+        ours = quantize(w, type_name)
+        assert ours.dtype == np.uint8 and ours.shape == (*shape[:-1], shape[-1] // 32 * BLOCK_BYTES[type_name])
+        np.testing.assert_array_equal(ours, theirs(w, type_name))
+        values = dequantize(ours, type_name, shape)
+        assert values.dtype == torch.float32 and values.shape == shape
+        assert np.array_equal(values.numpy().view(np.uint32), their_values(ours, type_name).view(np.uint32))  # bit for bit
+
+@pytest.mark.parametrize('type_name', LEGACY_TYPES)
+def test_exact_ties(type_name):
+    "Blocks whose scaled values sit exactly halfway between codes (x*id + 0.5 an integer) round as C does."
+    for top in (8.0, 16.0, 15.0, 31.0, 127.0):
+        w = np.tile(np.arange(-16, 16, dtype=np.float32) / 2, (3, 1)) * np.float32(top / 16)
+        w[1] = -w[1]; w[2, ::2] = 0.25
+        np.testing.assert_array_equal(quantize(w, type_name), theirs(w, type_name))
+
+def test_round_half_away_is_c_roundf():
+    x = torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 0.49999997, 126.5, -126.5])
+    assert round_half_away(x).tolist() == [-3.0, -2.0, -1.0, 1.0, 2.0, 3.0, 0.0, 127.0, -127.0]
+
+def test_signed_zero_minimum_follows_c_loop():
+    "C keeps the first of equal minima (`if (v < min)`), so the sign of a zero minimum is that of the first zero."
+    for first in (0.0, -0.0):
+        b = torch.full((1, 32), 0.5); b[0, 0] = first; b[0, 1] = -first
+        assert torch.signbit(block_min(b)).item() == (str(first) == '-0.0')
+        data = quantize(b, 'Q4_1')
+        assert data[0, 3] == (0x80 if str(first) == '-0.0' else 0)  # float16 m's sign bit
+
+def test_every_course_model_weight_every_type():
+    "All 2-D weights of the course model (211 tensors, 134M weights), in all five types, byte-identical to gguf."
+    model, _ = load_model(device='cpu')
+    tensors = {n: p.detach().numpy() for n, p in model.named_parameters() if p.ndim == 2}
+    assert len(tensors) == 211
+    for type_name in LEGACY_TYPES:
+        for name, w in tensors.items():
+            ours = quantize(w, type_name)
+            assert np.array_equal(ours, theirs(w, type_name)), (type_name, name)
+        if type_name in ('Q4_0', 'Q8_0'):  # dequantization of a whole layer, bit for bit, on two types
+            w = tensors['model.layers.3.mlp.down_proj.weight']; data = quantize(w, type_name)
+            assert np.array_equal(dequantize(data, type_name, w.shape).numpy(), their_values(data, type_name))
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16, torch.float64])
+def test_other_float_dtypes_quantize_their_float32_values(dtype):
+    w = torch.from_numpy(weights((4, 64))).to(dtype)
+    for type_name in LEGACY_TYPES:
+        np.testing.assert_array_equal(quantize(w, type_name), theirs(w.float().numpy(), type_name))
+
+def test_bad_input():
+    w = torch.from_numpy(weights((4, 64)))
+    with pytest.raises(ValueError, match='rows hold 100 values; pad the last dimension to a multiple of 32'):
+        quantize(torch.ones(3, 100), 'Q4_0')
+    with pytest.raises(ValueError, match=r"unknown GGUF type 'Q6_K'; valid types are Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K"):
+        quantize(w, 'Q6_K')
+    with pytest.raises(ValueError, match='Q4_K stores rows in blocks of 256, but this weight.s rows hold 576 values'):
+        quantize(torch.ones(2, 576), 'Q4_K')
+    with pytest.raises(NotImplementedError, match='importance=None'): quantize(torch.ones(2, 256), 'Q4_K', importance=np.ones(256))
+    with pytest.raises(ValueError, match='unknown GGUF type'): dequantize(quantize(w, 'Q4_0'), 'q4_0', (4, 64))
+    for bad in (math.nan, math.inf, -math.inf):
+        x = w.clone(); x[1, 7] = bad
+        with pytest.raises(ValueError, match='NaN or Inf'): quantize(x, 'Q8_0')
+    with pytest.raises(TypeError, match='floating-point'): quantize(torch.ones(2, 32, dtype=torch.int32), 'Q8_0')
+    with pytest.raises(TypeError, match='torch.Tensor'): quantize([[1.0] * 32], 'Q8_0')
+    with pytest.raises(ValueError, match='non-empty'): quantize(torch.ones(0, 32), 'Q8_0')
+    with pytest.raises(ValueError, match='does not fit in torch.float16'): quantize(w * 1e8, 'Q8_0')
+    with pytest.raises(ValueError, match='does not fit in torch.float16'): quantize(w * 1e6 - 1e6, 'Q4_1')
+    with pytest.raises(NotImplementedError, match='importance=None'): quantize(w, 'Q4_0', importance=np.ones(64))
+    with pytest.raises(ValueError, match='must be 72 uint8 bytes, got 144'): dequantize(quantize(w, 'Q4_0'), 'Q4_0', (4, 32))
+    with pytest.raises(ValueError, match='uint8'): dequantize(quantize(w, 'Q4_0').astype(np.int16), 'Q4_0', (4, 64))
+
+def test_subnormal_weights_stay_finite():
+    for type_name in TYPE_NAMES:
+        w = torch.from_numpy(weights((4, 256))) * 1e-40
+        assert torch.isfinite(dequantize(quantize(w, type_name), type_name, w.shape)).all()
+
+# ---------------------------------------------------------------- the layer
+def linear(in_features=128, out_features=48, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(in_features, out_features, bias=bias)
+
+@pytest.mark.parametrize('type_name', LEGACY_TYPES)
+def test_layer_holds_quantize_bytes_and_computes_with_them(type_name, tmp_path):
+    lin, x = linear(), torch.randn(5, 128)
+    layer = GGUFLinear.from_linear(lin, type_name)
+    assert np.array_equal(layer.data.numpy().reshape(-1), quantize(lin.weight, type_name).reshape(-1))
+    assert layer.bits_per_weight == layer.weight().bits_per_weight == 8 * BLOCK_BYTES[type_name] / 32
+    w = dequantize(layer.data, type_name, (48, 128))
+    with torch.no_grad(): assert torch.equal(layer(x), F.linear(x, w, lin.bias))
+    save_file(layer.state_dict(), str(tmp_path / 'l.safetensors'))
+    fresh = GGUFLinear.from_config(layer.config())
+    fresh.load_state_dict(load_file(str(tmp_path / 'l.safetensors')))
+    with torch.no_grad(): assert torch.equal(fresh(x), layer(x))
+    other = 'Q8_0' if type_name != 'Q8_0' else 'Q4_0'
+    with pytest.raises((ValueError, RuntimeError), match='saved from a layer with|size mismatch'):
+        GGUFLinear.from_config(dict(layer.config(), type_name=other)).load_state_dict(layer.state_dict())
+
+def test_layer_refuses_ragged_rows_and_unknown_types():
+    with pytest.raises(ValueError, match='multiple of 32'): GGUFLinear(100, 8)
+    with pytest.raises(ValueError, match='valid types are'): GGUFLinear(64, 8, type_name='F16')
+    with pytest.raises(ValueError, match='multiple of 32'): GGUFLinear.from_linear(nn.Linear(48, 8), 'Q8_0')
+
+@pytest.mark.parametrize('type_name', LEGACY_TYPES)
+def test_quantize_model_and_save_load(type_name, tmp_path):
+    method = f'gguf_{type_name.lower()}'
+    model = build('llama')
+    report = quantize_model(model, method, progress=False)
+    layers = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    assert len(layers) == 14 and all(m.type_name == type_name for m in layers)
+    assert report.bits_per_weight == 8 * BLOCK_BYTES[type_name] / 32
+    path = save_quantized(model, tmp_path / 'q.safetensors')
+    loaded = load_quantized(path, build('llama', seed=1))
+    ids = calibration(2, 16, seed=2)
+    with torch.no_grad(): assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+# ---------------------------------------------------------------- llama.cpp's C reference, and Q4_K
+@pytest.fixture(scope='module')
+def c_reference():
+    "llama.cpp's ggml-quants.c built once into the cache (seconds); skipped, with the fix, if its source is absent."
+    try: return build_ggml_quants()
+    except FileNotFoundError as e: pytest.skip(str(e))
+
+@pytest.mark.parametrize('type_name', LEGACY_TYPES)
+def test_legacy_bytes_equal_c_signed_zeros_included(type_name, c_reference):
+    for seed, shape in enumerate(SHAPES):
+        w = weights(shape, seed)
+        w[np.abs(w) < 0.3] = -0.0                          # negative zeros, and blocks of only negative zeros
+        w.reshape(-1, 32)[::4] = -0.0
+        np.testing.assert_array_equal(quantize(w, type_name), reference_quantize(w, type_name))
+
+def q4_k_weights(shape, seed=0, std=1.0):
+    "Normal values and the blocks that take the search's other paths: zero, constant, all-positive, one outlier."
+    w = weights(shape, seed, std)
+    sub = w.reshape(-1, 32)
+    sub[1::7] = np.abs(sub[1::7])                          # min > 0: the min is clamped to 0
+    sub[2::11] = np.float32(std) * 0.5                     # constant sub-blocks: max == min
+    sub[3::13, 5] = np.float32(std) * 40                   # an outlier
+    return w
+
+@pytest.mark.parametrize('std', [1.0, 0.02, 1e-5, 300.0])
+def test_q4_k_bytes_equal_c_and_gguf_decodes_them(std, c_reference):
+    for seed, shape in enumerate([(1, 256), (4, 512), (3, 2, 768), (64, 1536)]):
+        w = q4_k_weights(shape, seed, std)
+        ours = quantize(w, 'Q4_K')
+        assert ours.shape == (*shape[:-1], shape[-1] // 256 * 144)
+        np.testing.assert_array_equal(ours, reference_quantize(w, 'Q4_K'))
+        values = dequantize(ours, 'Q4_K', shape).numpy()
+        assert np.array_equal(values.view(np.uint32), their_values(ours, 'Q4_K').reshape(shape).view(np.uint32))
+
+def test_q4_k_every_course_model_weight_it_can_hold(c_reference):
+    "The 30 down_proj weights (rows of 1536); every other 2-D weight has rows of 576, not a multiple of 256."
+    model, _ = load_model(device='cpu')
+    tensors = {n: p.detach().numpy() for n, p in model.named_parameters() if p.ndim == 2}
+    holdable = {n: w for n, w in tensors.items() if w.shape[-1] % QK_K == 0}
+    assert len(holdable) == 30 and all(n.endswith('mlp.down_proj.weight') for n in holdable)
+    for name, w in holdable.items():
+        assert np.array_equal(quantize(w, 'Q4_K'), reference_quantize(w, 'Q4_K')), name
+
+def test_q4_k_layer(tmp_path):
+    lin, x = linear(512, 16), torch.randn(3, 512)
+    layer = GGUFLinear.from_linear(lin, 'Q4_K')
+    assert layer.bits_per_weight == 4.5
+    with torch.no_grad(): assert torch.equal(layer(x), F.linear(x, dequantize(layer.data, 'Q4_K', (16, 512)), lin.bias))
+    save_file(layer.state_dict(), str(tmp_path / 'l.safetensors'))
+    fresh = GGUFLinear.from_config(layer.config()); fresh.load_state_dict(load_file(str(tmp_path / 'l.safetensors')))
+    with torch.no_grad(): assert torch.equal(fresh(x), layer(x))
+    with pytest.raises(ValueError, match='multiple of 256'): GGUFLinear(576, 8, type_name='Q4_K')
