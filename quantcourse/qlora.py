@@ -12,8 +12,7 @@ import itertools, json, math
 from pathlib import Path
 import torch
 from torch import nn
-from .core import (QuantizedLinear, check_choice, check_int, check_number,
-                              replace_linears)
+from .core import QuantizedLinear, check_choice, check_int, check_number, replace_linears
 
 # %% auto #0
 __all__ = ['COMPUTE_DTYPES', 'SCHEDULES', 'ADAPTER_WEIGHTS', 'ADAPTER_CONFIG',
