@@ -25,6 +25,7 @@ import torch
 from quantcourse.core import (Budget, load_model, get_budget, calibration_samples, evaluate, default_device,
                               decoder_blocks, block_inputs, linear_groups, model_bits)
 from quantcourse.api import quantize_model
+from quantcourse.core import METHODS, register_method
 from quantcourse.awq import awq_model, scale_groups, record_block, search_scale, grid_losses, Replay
 from benchmeta import run_metadata, sync
 
@@ -33,7 +34,13 @@ OURS = [('RTN', 'rtn', {}), ('AWQ', 'awq', {}), ('AWQ + clip', 'awq', dict(clip=
         ('AWQ + clip, tied v->o', 'awq', dict(clip=True, gqa_v_to_o=True)),
         ('GPTQ act order, static groups', 'gptq', dict(act_order=True, static_groups=True)),
         ('AWQ then GPTQ', 'awq_gptq', dict(act_order=True, static_groups=True)),
-        ('AWQ tied v->o then GPTQ', 'awq_gptq', dict(act_order=True, static_groups=True, gqa_v_to_o=True))]
+        ('AWQ tied v->o then GPTQ', 'awq_gptq', dict(act_order=True, static_groups=True, gqa_v_to_o=True)),
+        # as llm-compressor's pipeline does: each block searched on the quantized blocks' outputs
+        ('AWQ on quantized inputs', 'awq_sequential', {})]
+# llm-awq (and our 'awq') search each block on the float model's outputs; this variant feeds it the outputs of
+# the blocks already quantized, one suspected reason for llm-compressor's lower INT4 perplexity
+register_method(dataclasses.replace(METHODS['awq'], name='awq_sequential', sequential=True,
+                                    doc="AWQ, each block searched on the quantized blocks' outputs"))
 Q4_K_M = Budget('q4km', calib_samples=0, calib_seq_len=0, eval_tokens=20460, context=1024)
 
 
