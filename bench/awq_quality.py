@@ -19,7 +19,7 @@ Tasks run the most wanted first (every seed of the essential rows, then the extr
 recorded already, `--merge` joins the workers' files.
 `--quick` runs a tiny budget (on a CPU too) to show the script works; its numbers mean nothing.
 """
-import argparse, copy, dataclasses, json, os, sys, time, traceback, warnings
+import argparse, copy, dataclasses, json, os, time, traceback, warnings
 from pathlib import Path
 import torch
 from quantcourse.core import (Budget, load_model, get_budget, calibration_samples, evaluate, default_device,

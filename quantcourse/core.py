@@ -408,16 +408,16 @@ def check_tensor(x, name: str, # the argument's name, for the message
     return x
 
 # %% ../nbs/00_core.ipynb #46976d88
-def decoder_blocks(model) -> tuple[str, nn.ModuleList]:
+def decoder_blocks(model,
+                   kinds: tuple = (nn.Linear,), # the layer classes that count as linears
+                  ) -> tuple[str, nn.ModuleList]:
     "Name and `nn.ModuleList` of the blocks: the longest list of same-class modules with linears."
-    lists = [(name, m) for name,
-             m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)
-             and len({type(b) for b in m}) == 1
-             and any(isinstance(x, nn.Linear) for x in m[0].modules())]
+    lists = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1
+             and any(isinstance(x, kinds) for x in m[0].modules())]
     if not lists:
-        raise ValueError(f"{type(model).__name__} has no list of repeated blocks holding nn.Linear "
-                         "layers; "
-                                   "quantize_model works on decoder-only transformers")
+        raise ValueError(f"{type(model).__name__} has no list of repeated blocks holding linear "
+                         "layers; quantize_model works on decoder-only transformers")
     return max(lists, key=lambda item: len(item[1]))
 
 # %% ../nbs/00_core.ipynb #fdc07173

@@ -12,7 +12,8 @@ import itertools, json, math
 from pathlib import Path
 import torch
 from torch import nn
-from .core import QuantizedLinear, check_choice, check_int, check_number, replace_linears
+from .core import (QuantizedLinear, decoder_blocks, check_choice, check_int, check_number,
+                              replace_linears)
 
 # %% auto #0
 __all__ = ['COMPUTE_DTYPES', 'SCHEDULES', 'ADAPTER_WEIGHTS', 'ADAPTER_CONFIG',
@@ -85,13 +86,7 @@ _ADAPTER_PARTS = {'base_layer', 'lora_A', 'lora_B'}  # inside a LoRALinear: not 
 
 def block_linears(model) -> list[str]:
     "Full names of the linear layers (float, quantized, bitsandbytes') inside the decoder blocks."
-    lists = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1
-             and any(isinstance(x, _LINEAR_KINDS) for x in m[0].modules())]
-    if not lists:
-        raise ValueError(f"{type(model).__name__} has no list of repeated blocks holding linear "
-                         "layers; add_lora works on decoder-only transformers")
-    prefix, blocks = max(lists, key=lambda item: len(item[1]))
+    prefix, blocks = decoder_blocks(model, _LINEAR_KINDS)  # quantized ones count too
     return [f"{prefix}.{name}" for name, m in blocks.named_modules()
             if isinstance(m, _LINEAR_KINDS) and not _ADAPTER_PARTS & set(name.split('.'))]
 
