@@ -115,10 +115,49 @@ def claim(folder: Path|None, task) -> bool:
     except FileExistsError: return False
 
 
-def done_rows(paths) -> set:
-    "(label, seed, bits) of the rows already in these JSON files."
+def done_rows(paths, calibration_shape) -> set:
+    "(label, seed, bits) of the rows already in these JSON files with calibration of `calibration_shape`."
     rows = [r for p in paths for r in json.loads(Path(p).read_text()).get('rows', [])]
-    return {(r['label'], r['seed'], r['bits']) for r in rows}
+    return {(r['label'], r['seed'], r['bits']) for r in rows if r['calibration'] == list(calibration_shape)}
+
+
+def truncated(model, blocks: int):
+    "A copy of `model` keeping its first `blocks` decoder blocks: the cost per block of a search, timed alone."
+    work = copy.deepcopy(model)
+    name, layers = decoder_blocks(work)
+    parent, _, attribute = name.rpartition('.')
+    setattr(work.get_submodule(parent), attribute, layers[:blocks])
+    work.config.num_hidden_layers = blocks
+    if getattr(work.config, 'layer_types', None): work.config.layer_types = work.config.layer_types[:blocks]
+    return work
+
+
+def quantize_task(work, task, tokenizer, calibration):
+    "Quantize `work` as `task` says (in place, or the peer's returned model)."
+    label, method, cfg, source, seed, bits = task
+    if source == 'llm-compressor': return llm_compressor(work, tokenizer, calibration, bits, cfg['duo'])
+    if source == 'llm-awq':
+        from llm_awq_peer import llm_awq
+        return llm_awq(work, tokenizer, calibration, bits)
+    quantize_model(work, method, calibration=None if method == 'rtn' else calibration,
+                   bits=bits, group_size=64, symmetric=False, progress=False, **cfg)
+    return work
+
+
+def time_blocks(task, model, tokenizer, calibration, blocks, device) -> dict:
+    "Seconds per block of `task`'s search on the first `blocks` blocks, the card to itself; no evaluation."
+    work = truncated(model, blocks)
+    if device.type == 'cuda': torch.cuda.reset_peak_memory_stats()
+    sync(device); start = time.perf_counter()
+    quantize_task(work, task, tokenizer, calibration)
+    sync(device); seconds = time.perf_counter() - start
+    label, method, cfg, source, seed, bits = task
+    row = dict(label=label, source=source, method=method, settings=cfg, bits=bits, seed=seed, blocks=blocks,
+               calibration=list(calibration.shape), seconds=seconds, seconds_per_block=seconds / blocks,
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else None)
+    del work
+    if device.type == 'cuda': torch.cuda.empty_cache()
+    return row
 
 
 def merge(out: Path, parts: list[str], notes: str|None):
@@ -133,25 +172,21 @@ def merge(out: Path, parts: list[str], notes: str|None):
     print(f"{out}: {len(result['rows'])} rows, {len(result['failures'])} failures from {len(parts)} files")
 
 
-def run_task(task, model, tokenizer, calibration, budget, q4km, device) -> dict:
+def run_task(task, model, tokenizer, calibration, budget, q4km, device, shared: bool) -> dict:
     "Quantize a copy of `model` as `task` says; its row."
     label, method, cfg, source, seed, bits = task
     work = copy.deepcopy(model)
+    if device.type == 'cuda': torch.cuda.reset_peak_memory_stats()
     sync(device); start = time.perf_counter()
-    if source == 'llm-compressor': llm_compressor(work, tokenizer, calibration, bits, cfg['duo'])
-    elif source == 'llm-awq':
-        from llm_awq_peer import llm_awq
-        work = llm_awq(work, tokenizer, calibration, bits)
-    else:
-        quantize_model(work, method, calibration=None if method == 'rtn' else calibration,
-                       bits=bits, group_size=64, symmetric=False, progress=False, **cfg)
+    work = quantize_task(work, task, tokenizer, calibration)
     sync(device); seconds = time.perf_counter() - start
     row = dict(label=label, source=source, calibration=list(calibration.shape), method=method, settings=cfg,
                bits=bits, seed=seed, seconds=seconds, seconds_per_block=seconds / len(decoder_blocks(model)[1]),
                bits_per_weight=model_bits(work) if source == 'ours' else None,
                perplexity=evaluate(work, tokenizer, budget, progress=False)['perplexity'],
                perplexity_20460=evaluate(work, tokenizer, q4km, progress=False)['perplexity'],
-               worker=os.environ.get('AWQ_WORKER'))
+               commit=run_metadata(device)['commit'], shared_card=shared, worker=os.environ.get('AWQ_WORKER'),
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else None)
     del work
     if device.type == 'cuda': torch.cuda.empty_cache()
     return row
@@ -173,6 +208,9 @@ def main():
                         help='the float32 correctness check first (one process of several is enough)')
     parser.add_argument('--merge', nargs='+', default=None, help='write --out from these workers\' files, run nothing')
     parser.add_argument('--notes', default=None, help="with --merge: the result's notes")
+    parser.add_argument('--timing-blocks', type=int, default=None,
+                        help='time each task on this many blocks only (the card to itself), no evaluation')
+    parser.add_argument('--retries', type=int, default=4, help='tries after an out-of-memory error (shared card)')
     parser.add_argument('--quick', action='store_true')
     args = parser.parse_args()
     if args.merge: return merge(Path(args.out), args.merge, args.notes)
@@ -197,22 +235,39 @@ def main():
     save()
     claims = Path(args.claims) if args.claims else None
     if claims: claims.mkdir(parents=True, exist_ok=True)
-    skip, calibrations = done_rows(args.done), {}
+    skip = done_rows(args.done, (budget.calib_samples, budget.calib_seq_len))
+    calibrations = {}
     for task in tasks(args.seeds, args.bits, args.peers, args.only):
         label, method, cfg, source, seed, bits = task
         if (label, seed, bits) in skip or not claim(claims, task): continue
         if seed not in calibrations:
             calibrations[seed] = calibration_samples(tokenizer, budget.calib_samples, budget.calib_seq_len, seed=seed)
-        try: row = run_task(task, model, tokenizer, calibrations[seed], budget, q4km, device)
-        except Exception as error:
-            result['failures'].append(dict(label=label, seed=seed, bits=bits, error=repr(error)[:500],
-                                           trace=traceback.format_exc()[-2000:]))
-            print('FAILED', label, bits, seed, repr(error)[:300], flush=True); save(); continue
+        if args.timing_blocks:
+            if not result.get('timing'):  # a first, untimed run: kernels loaded, caches warm
+                time_blocks(('AWQ', 'awq', {}, 'ours', seed, bits), model, tokenizer, calibrations[seed], 1, device)
+            try: row = time_blocks(task, model, tokenizer, calibrations[seed], args.timing_blocks, device)
+            except Exception as error:
+                result['failures'].append(dict(label=label, timing=True, error=repr(error)[:500],
+                                               trace=traceback.format_exc()[-2000:]))
+                print('FAILED timing', label, repr(error)[:300], flush=True); save(); continue
+            result.setdefault('timing', []).append(row); save()
+            print(f"timing {label:34s} {bits}b: {row['seconds_per_block']:.2f} s a block", flush=True)
+            continue
+        for attempt in range(args.retries + 1):
+            try: row = run_task(task, model, tokenizer, calibrations[seed], budget, q4km, device, claims is not None)
+            except Exception as error:
+                if isinstance(error, torch.OutOfMemoryError) and attempt < args.retries:
+                    print('out of memory, again in 30 s:', label, bits, seed, flush=True)
+                    torch.cuda.empty_cache(); time.sleep(30); continue
+                result['failures'].append(dict(label=label, seed=seed, bits=bits, error=repr(error)[:500],
+                                               trace=traceback.format_exc()[-2000:]))
+                print('FAILED', label, bits, seed, repr(error)[:300], flush=True); save(); row = None
+            break
+        if row is None: continue
         result['rows'].append(row); save()
         print(f"{label:34s} {bits}b seed {seed}: {row['perplexity']:.3f} ({row['perplexity_20460']:.3f} "
               f"on 20,460) in {row['seconds']:.1f} s", flush=True)
     save()
-
 
 if __name__ == '__main__':
     main()
