@@ -19,11 +19,11 @@ from .core import check_tensor, cache_dir, QuantizedLinear, Method, register_met
 
 # %% auto #0
 __all__ = ['BLOCK_SIZE', 'QK_K', 'BLOCK_BYTES', 'BLOCK_WEIGHTS', 'TYPE_NAMES', 'LEGACY_TYPES',
-          'LLAMA_CPP_VERSION', 'QUANTIZERS', 'DEQUANTIZERS', 'IMPORTANCE_TYPES', 'CHUNK_WEIGHTS',
-          'check_type', 'check_rows', 'to_blocks', 'signed_absmax', 'block_min', 'block_max',
-          'inverse', 'pack_nibbles', 'unpack_nibbles', 'float16_bytes', 'float16_values',
-          'symmetric_codes', 'quantize_q4_0', 'dequantize_q4_0', 'affine_codes', 'quantize_q4_1',
-          'dequantize_q4_1', 'pack_high_bits', 'unpack_high_bits', 'quantize_q5_0',
+          'LLAMA_CPP_VERSION', 'QUANTIZERS', 'DEQUANTIZERS', 'IMPORTANCE_QUANTIZERS',
+          'CHUNK_WEIGHTS', 'check_type', 'check_rows', 'to_blocks', 'signed_absmax', 'block_min',
+          'block_max', 'inverse', 'pack_nibbles', 'unpack_nibbles', 'float16_bytes',
+          'float16_values', 'symmetric_codes', 'quantize_q4_0', 'dequantize_q4_0', 'affine_codes',
+          'quantize_q4_1', 'dequantize_q4_1', 'pack_high_bits', 'unpack_high_bits', 'quantize_q5_0',
           'dequantize_q5_0', 'quantize_q5_1', 'dequantize_q5_1', 'round_half_away', 'quantize_q8_0',
           'dequantize_q8_0', 'llama_cpp_sdist', 'build_ggml_quants', 'reference_quantize',
           'sequential_sum', 'nearest_int', 'float32_sqrt', 'weighted_error', 'fit_scale_min',
@@ -31,10 +31,10 @@ __all__ = ['BLOCK_SIZE', 'QK_K', 'BLOCK_BYTES', 'BLOCK_WEIGHTS', 'TYPE_NAMES', '
           'refit_codes', 'fit_super_blocks', 'quantize_q4_k', 'dequantize_q4_k', 'high_bit_mask',
           'unpack_high_bit_mask', 'quantize_q5_k', 'dequantize_q5_k', 'search_symmetric_scale',
           'pack_two_bit', 'unpack_two_bit', 'pack_q6_codes', 'quantize_q6_k', 'dequantize_q6_k',
-          'refine_pass', 'search_q3_codes', 'pack_q3_scales', 'unpack_q3_scales', 'quantize_q3_k',
-          'dequantize_q3_k', 'four_bit_codes', 'quantize_q2_k', 'dequantize_q2_k',
-          'importance_blocks', 'quantize_bytes', 'quantize', 'dequantize', 'GGUFWeight',
-          'GGUFLinear']
+          'refine_pass', 'refine_scale', 'search_q3_codes', 'pack_q3_scales', 'unpack_q3_scales',
+          'quantize_q3_k', 'dequantize_q3_k', 'four_bit_codes', 'quantize_q2_k', 'dequantize_q2_k',
+          'search_step_codes', 'quantize_q4_k_weighted', 'importance_blocks', 'quantize_bytes',
+          'quantize', 'dequantize', 'GGUFWeight', 'GGUFLinear']
 
 # %% ../nbs/06_gguf.ipynb #49d4f81c
 BLOCK_SIZE = 32  # weights per block in every legacy type
@@ -255,16 +255,22 @@ def build_ggml_quants(sdist: Path|None = None) -> Path:
 
 # %% ../nbs/06_gguf.ipynb #20287671
 def reference_quantize(weight: np.ndarray, # float32, rows along the last axis
-                       type_name: str) -> np.ndarray:
-    "llama.cpp's C `quantize_row_<type>_ref` bytes for `weight`, shaped like `quantize`'s."
+                       type_name: str,
+                       importance: np.ndarray|None = None, # C's `quant_weights`, one per column
+                      ) -> np.ndarray:
+    "llama.cpp's C bytes for `weight`: `quantize_row_<type>_ref` (`quantize_<type>` if importance)."
     check_type(type_name); check_rows(weight.shape[-1], type_name)
     x = np.ascontiguousarray(weight, dtype=np.float32)
-    library = ctypes.CDLL(str(build_ggml_quants()))
+    library, name = ctypes.CDLL(str(build_ggml_quants())), f'q{type_name[1:]}'
     row_bytes = x.shape[-1] // BLOCK_WEIGHTS[type_name] * BLOCK_BYTES[type_name]
     out = np.zeros((*x.shape[:-1], row_bytes), dtype=np.uint8)
-    function = getattr(library, f'quantize_row_q{type_name[1:]}_ref')
-    function(x.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p),
-             ctypes.c_int64(x.size))
+    pointer, n = (lambda a: a.ctypes.data_as(ctypes.c_void_p)), ctypes.c_int64
+    if importance is None:
+        getattr(library, f'quantize_row_{name}_ref')(pointer(x), pointer(out), n(x.size))
+    else:
+        columns = np.ascontiguousarray(importance, dtype=np.float32)
+        getattr(library, f'quantize_{name}')(pointer(x), pointer(out), n(x.size // x.shape[-1]),
+                                             n(x.shape[-1]), pointer(columns))
     return out
 
 # %% ../nbs/06_gguf.ipynb #96cecc2b
@@ -485,38 +491,43 @@ def dequantize_q6_k(data: torch.Tensor) -> torch.Tensor:
     return (step[..., None] * codes.view(-1, 16, 16)).reshape(-1, QK_K)
 
 # %% ../nbs/06_gguf.ipynb #f4d598a9
-def refine_pass(x, weights, codes, sum_xl, sum_l2, nmax: int):
+def refine_pass(x, weights, codes, sum_xl, sum_l2, low: int|None, high: int, # the code range
+                skip_empty_rest: bool = False): # skip a code whose rest has no weight (qp)
     "One pass of `make_q3_quants` over the codes in order: `(codes, sum_xl, sum_l2, changed)`."
     changed = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     for i in range(x.shape[1]):
         w, wx, l = weights[:, i], weights[:, i] * x[:, i], codes[:, i]
         rest_xl, rest_l2 = sum_xl - wx * l, sum_l2 - w * l * l
-        new = nearest_int(x[:, i] * rest_l2 / torch.where(rest_xl > 0, rest_xl, 1.0))
-        new = new.clamp(-nmax, nmax - 1)
+        usable = (rest_xl > 0) & (rest_l2 > 0) if skip_empty_rest else rest_xl > 0
+        new = nearest_int(x[:, i] * rest_l2 / torch.where(usable, rest_xl, 1.0)).clamp(low, high)
         trial_xl, trial_l2 = rest_xl + wx * new, rest_l2 + w * new * new
-        take = ((rest_xl > 0) & (new != l) & (trial_l2 > 0)
+        take = (usable & (new != l) & (skip_empty_rest | (trial_l2 > 0))
                 & (trial_xl * trial_xl * sum_l2 > sum_xl * sum_xl * trial_l2))
         codes[:, i] = torch.where(take, new, l)
         sum_xl, sum_l2 = torch.where(take, trial_xl, sum_xl), torch.where(take, trial_l2, sum_l2)
         changed |= take
     return codes, sum_xl, sum_l2, changed
 
+def refine_scale(x, weights, codes, low: int|None, high: int, skip_empty_rest: bool = False,
+                 passes: int = 5):
+    "`(scale, codes)` after up to `passes` of `refine_pass`; a row stops after an unchanged pass."
+    sum_xl, sum_l2 = sequential_sum(weights * x * codes), sequential_sum(weights * codes * codes)
+    rows = torch.arange(len(x), device=x.device)  # the rows still changing
+    for _ in range(passes):
+        if len(rows) == 0: break
+        codes[rows], sum_xl[rows], sum_l2[rows], changed = refine_pass(x[rows], weights[rows],
+            codes[rows], sum_xl[rows], sum_l2[rows], low, high, skip_empty_rest)
+        rows = rows[changed]
+    return torch.where(sum_l2 > 0, sum_xl / torch.where(sum_l2 > 0, sum_l2, 1.0), 0.0), codes
+
 # %% ../nbs/06_gguf.ipynb #07c2334c
 def search_q3_codes(x: torch.Tensor, # (n, 16) sub-blocks
-                    nmax: int = 4, passes: int = 5):
+                    nmax: int = 4):
     "llama.cpp's `make_q3_quants` on every row: `(scale, codes + nmax)`."
     top = signed_absmax(x)[:, 0]; zero = top.abs() < 1e-15
     top = torch.where(zero, 1.0, top)
     codes = nearest_int((torch.full_like(top, -nmax) / top)[:, None] * x).clamp(-nmax, nmax - 1)
-    weights = x * x
-    sum_xl, sum_l2 = sequential_sum(weights * x * codes), sequential_sum(weights * codes * codes)
-    rows = torch.arange(len(x), device=x.device)  # the sub-blocks still changing
-    for _ in range(passes):
-        if len(rows) == 0: break
-        codes[rows], sum_xl[rows], sum_l2[rows], changed = refine_pass(
-            x[rows], weights[rows], codes[rows], sum_xl[rows], sum_l2[rows], nmax)
-        rows = rows[changed]
-    scale = torch.where(sum_l2 > 0, sum_xl / torch.where(sum_l2 > 0, sum_l2, 1.0), 0.0)
+    scale, codes = refine_scale(x, x * x, codes, -nmax, nmax - 1)
     return torch.where(zero, 0.0, scale), torch.where(zero[:, None], 0.0, codes + nmax)
 
 # %% ../nbs/06_gguf.ipynb #fb0cf75f
@@ -584,6 +595,48 @@ def dequantize_q2_k(data: torch.Tensor) -> torch.Tensor:
     codes = unpack_two_bit(data[:, 16:80]).float().view(-1, 16, 16)
     return (step[..., None] * codes - shift[..., None]).reshape(-1, QK_K)
 
+# %% ../nbs/06_gguf.ipynb #361f04c3
+def search_step_codes(values: torch.Tensor, # (n, 8) non-negative sub-block scales or minimums
+                      weights: torch.Tensor, # (n, 8) each sub-block's total weight
+                      nmax: int = 63):
+    "llama.cpp's `make_qp_quants` on every row: `(step, codes)`, codes at most nmax."
+    top = values.amax(1); zero = top < 1e-15  # C's GROUP_MAX_EPS: all zero
+    top = torch.where(zero, 1.0, top)
+    def error(inverse, codes):
+        diff = values - (1 / inverse)[:, None] * codes
+        return sequential_sum(weights * diff * diff)
+    inverse = torch.full_like(top, nmax) / top
+    best = error(inverse, nearest_int(inverse[:, None] * values))
+    for k in [*range(-4, 0), *range(1, 5)]:
+        trial = torch.tensor(np.float32(0.1) * np.float32(k) + np.float32(nmax)) / top
+        trial_error = error(trial, nearest_int(trial[:, None] * values).clamp(max=nmax))
+        better = trial_error < best
+        best, inverse = torch.where(better, trial_error, best), torch.where(better, trial, inverse)
+    codes = nearest_int(inverse[:, None] * values).clamp(max=nmax)
+    step, codes = refine_scale(values, weights, codes, None, nmax, skip_empty_rest=True)
+    return torch.where(zero, 0.0, step), torch.where(zero[:, None], 0.0, codes)
+
+# %% ../nbs/06_gguf.ipynb #e7704814
+def quantize_q4_k_weighted(blocks: torch.Tensor, # (n, 256) super-blocks
+                           importance: torch.Tensor, # (n, 256) the importance of each weight
+                          ) -> torch.Tensor:
+    "(n, 144) uint8 Q4_K super-blocks as C's `quantize_q4_K` makes them with `quant_weights`."
+    sigma2 = 2 * sequential_sum(blocks * blocks) / QK_K
+    sub = blocks.reshape(-1, 32)
+    spread = float32_sqrt(sigma2.repeat_interleave(8)[:, None] + sub * sub)
+    weights = importance.reshape(-1, 32) * spread
+    scales, minimums, codes = search_scale_min(sub, weights, 15, -0.9, 0.05, 36)
+    sub_weights = sequential_sum(weights).view(-1, 8)
+    d, sc = search_step_codes(scales.view(-1, 8), sub_weights)
+    dmin, m = search_step_codes(minimums.view(-1, 8), sub_weights)
+    d_bytes, dmin_bytes = float16_bytes(d[:, None]), float16_bytes(dmin[:, None], 'minimum step')
+    packed = pack_six_bit(sc.int(), m.int()); sc, m = unpack_six_bit(packed)
+    step, shift = float16_values(d_bytes) * sc.float(), float16_values(dmin_bytes) * m.float()
+    codes = refit_codes(blocks.view(-1, 8, 32), step, codes.view(-1, 8, 32), 0, 15, shift)
+    codes = codes.to(torch.uint8)
+    nibbles = (codes[:, 0::2] | codes[:, 1::2] << 4).reshape(-1, 128)
+    return torch.cat([d_bytes, dmin_bytes, packed, nibbles], dim=1)
+
 # %% ../nbs/06_gguf.ipynb #629701e7
 QUANTIZERS = {'Q4_0': quantize_q4_0, 'Q4_1': quantize_q4_1, 'Q5_0': quantize_q5_0,
               'Q5_1': quantize_q5_1, 'Q8_0': quantize_q8_0, 'Q2_K': quantize_q2_k,
@@ -593,14 +646,14 @@ DEQUANTIZERS = {'Q4_0': dequantize_q4_0, 'Q4_1': dequantize_q4_1, 'Q5_0': dequan
                 'Q5_1': dequantize_q5_1, 'Q8_0': dequantize_q8_0, 'Q2_K': dequantize_q2_k,
                 'Q3_K': dequantize_q3_k, 'Q4_K': dequantize_q4_k, 'Q5_K': dequantize_q5_k,
                 'Q6_K': dequantize_q6_k}
-IMPORTANCE_TYPES = ('Q6_K',)  # the types whose quantizer takes an importance matrix
-CHUNK_WEIGHTS = 2 ** 18       # weights quantized at a time, a working set that stays in cache
+IMPORTANCE_QUANTIZERS = {'Q4_K': quantize_q4_k_weighted, 'Q6_K': quantize_q6_k}
+CHUNK_WEIGHTS = 2 ** 18  # weights quantized at a time, a working set that stays in cache
 
 def importance_blocks(importance, weight: torch.Tensor, type_name: str) -> torch.Tensor:
     "`importance` (one value per column of `weight`) checked, as float32 rows like its blocks."
-    if type_name not in IMPORTANCE_TYPES:
+    if type_name not in IMPORTANCE_QUANTIZERS:
         raise NotImplementedError(f"importance-weighted {type_name} is not implemented here (only "
-                                  f"{', '.join(IMPORTANCE_TYPES)}); pass importance=None")
+                                  f"{', '.join(IMPORTANCE_QUANTIZERS)}); pass importance=None")
     if isinstance(importance, np.ndarray): importance = torch.from_numpy(importance)
     check_tensor(importance, 'importance')
     if tuple(importance.shape) != (weight.shape[-1],):
@@ -616,13 +669,14 @@ def quantize_bytes(weight: torch.Tensor, type_name: str, importance=None) -> tor
     if importance is None: parts = [quantizer(part) for part in blocks.split(chunk)]
     else:
         weights = importance_blocks(importance, weight, type_name).split(chunk)
+        quantizer = IMPORTANCE_QUANTIZERS[type_name]
         parts = [quantizer(part, w) for part, w in zip(blocks.split(chunk), weights)]
     return torch.cat(parts).reshape(*weight.shape[:-1], -1)
 
 # %% ../nbs/06_gguf.ipynb #bef80705
 def quantize(weight, # float torch tensor or numpy array, rows along the last dimension
              type_name: str, # one of `TYPE_NAMES`: 'Q4_0' ... 'Q8_0', 'Q2_K' ... 'Q6_K'
-             importance=None, # llama.cpp's importance of each column (Q6_K only), or None
+             importance=None, # llama.cpp's importance of each column (Q4_K, Q6_K), or None
             ) -> np.ndarray:
     "The blocks of `type_name` for `weight`, as numpy uint8 shaped (..., row bytes) like `gguf`'s."
     if isinstance(weight, np.ndarray): weight = torch.from_numpy(weight)

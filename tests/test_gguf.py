@@ -1,5 +1,5 @@
 "Tests for quantcourse.gguf: the legacy types byte-identical to the `gguf` package, the k-quants to llama.cpp's C, the layer, bad input."
-import ctypes, math
+import math
 import numpy as np
 import pytest, torch
 from torch import nn
@@ -100,7 +100,7 @@ def test_bad_input():
         quantize(torch.ones(2, 256), 'Q6_K', importance=np.full(256, np.nan, np.float32))
     with pytest.raises(ValueError, match='Q4_K stores rows in blocks of 256, but this weight.s rows hold 576 values'):
         quantize(torch.ones(2, 576), 'Q4_K')
-    with pytest.raises(NotImplementedError, match='importance=None'): quantize(torch.ones(2, 256), 'Q4_K', importance=np.ones(256))
+    with pytest.raises(NotImplementedError, match=r'only Q4_K, Q6_K\); pass importance=None'): quantize(torch.ones(2, 256), 'Q5_K', importance=np.ones(256))
     with pytest.raises(ValueError, match='unknown GGUF type'): dequantize(quantize(w, 'Q4_0'), 'q4_0', (4, 64))
     for bad in (math.nan, math.inf, -math.inf):
         x = w.clone(); x[1, 7] = bad
@@ -216,28 +216,21 @@ def test_k_quants_every_course_model_weight(type_name, course_weights, c_referen
     values = dequantize(ours, type_name, flat.shape).numpy()
     assert np.array_equal(values.view(np.uint32), their_values(ours, type_name).reshape(flat.shape).view(np.uint32))
 
-def c_q6_k_with_importance(w: np.ndarray, importance: np.ndarray) -> np.ndarray:
-    "C's quantize_q6_K(src, dst, nrow, n_per_row, quant_weights)."
-    library = ctypes.CDLL(str(build_ggml_quants()))
-    w, importance = np.ascontiguousarray(w, np.float32), np.ascontiguousarray(importance, np.float32)
-    out = np.zeros((w.shape[0], w.shape[1] // QK_K * BLOCK_BYTES['Q6_K']), np.uint8)
-    p = lambda a: a.ctypes.data_as(ctypes.c_void_p)
-    library.quantize_q6_K(p(w), p(out), ctypes.c_int64(w.shape[0]), ctypes.c_int64(w.shape[1]), p(importance))
-    return out
-
-def test_q6_k_importance_equals_c(course_weights, c_reference):
-    for seed, (shape, std) in enumerate([((4, 256), 1.0), ((64, 1536), 0.02), ((8, 512), 1e-5), ((16, 768), 3000.0)]):
+@pytest.mark.parametrize('type_name', ['Q4_K', 'Q6_K'])
+def test_importance_equals_c_quantize_with_quant_weights(type_name, course_weights, c_reference):
+    "quantize(..., importance=) against C's quantize_q4_K / quantize_q6_K with the same quant_weights."
+    for seed, (shape, std) in enumerate([((4, 256), 1.0), ((64, 1536), 0.02), ((8, 512), 1e-5), ((16, 768), 3000.0), ((2, 256), 1e-30)]):
         w = k_weights(shape, seed, std)
         importance = np.random.default_rng(seed).exponential(size=shape[-1]).astype(np.float32)
         importance[::17] = 0                                   # zero importance for some columns
-        ours = quantize(w, 'Q6_K', importance=importance)
-        np.testing.assert_array_equal(ours, c_q6_k_with_importance(w, importance))
-        assert not np.array_equal(ours, quantize(w, 'Q6_K'))
-    for layer in (0, 17, 29):
+        ours = quantize(w, type_name, importance=importance)
+        np.testing.assert_array_equal(ours, reference_quantize(w, type_name, importance))
+        if std == 1.0: assert not np.array_equal(ours, quantize(w, type_name))
+    for layer in (0, 17, 29):                                  # down_proj with random positive importance
         w = course_weights[f'model.layers.{layer}.mlp.down_proj.weight']
-        importance = np.random.default_rng(layer).gamma(0.5, size=1536).astype(np.float32)
-        np.testing.assert_array_equal(quantize(w, 'Q6_K', importance=torch.from_numpy(importance)),
-                                      c_q6_k_with_importance(w.numpy(), importance))
+        importance = np.random.default_rng(layer).gamma(0.5, size=1536).astype(np.float32) + np.float32(1e-3)
+        np.testing.assert_array_equal(quantize(w, type_name, importance=torch.from_numpy(importance)),
+                                      reference_quantize(w.numpy(), type_name, importance))
 
 @pytest.mark.parametrize('type_name', K_TYPES)
 def test_k_quant_layer(type_name, tmp_path):
