@@ -1,5 +1,6 @@
-"""llama.cpp's legacy block formats Q4_0 to Q8_0 and the Q4_K k-quant, derived byte by byte, written
-in torch, equal to the `gguf` package and to llama.cpp's C code, and run as quantized layers.
+"""llama.cpp's legacy block formats Q4_0 to Q8_0 and the k-quants Q2_K to Q6_K, derived byte by
+byte, written in torch, equal to the `gguf` package and to llama.cpp's C code, and run as quantized
+layers.
 
 Docs: https://quantcourse.github.io/quantcourse/gguf.html.md"""
 
@@ -18,22 +19,29 @@ from .core import check_tensor, cache_dir, QuantizedLinear, Method, register_met
 
 # %% auto #0
 __all__ = ['BLOCK_SIZE', 'QK_K', 'BLOCK_BYTES', 'BLOCK_WEIGHTS', 'TYPE_NAMES', 'LEGACY_TYPES',
-          'LLAMA_CPP_VERSION', 'QUANTIZERS', 'DEQUANTIZERS', 'check_type', 'check_rows',
-          'to_blocks', 'signed_absmax', 'block_min', 'block_max', 'inverse', 'pack_nibbles',
-          'unpack_nibbles', 'float16_bytes', 'float16_values', 'symmetric_codes', 'quantize_q4_0',
-          'dequantize_q4_0', 'affine_codes', 'quantize_q4_1', 'dequantize_q4_1', 'pack_high_bits',
-          'unpack_high_bits', 'quantize_q5_0', 'dequantize_q5_0', 'quantize_q5_1',
-          'dequantize_q5_1', 'round_half_away', 'quantize_q8_0', 'dequantize_q8_0',
-          'llama_cpp_sdist', 'build_ggml_quants', 'reference_quantize', 'sequential_sum',
-          'nearest_int', 'float32_sqrt', 'weighted_error', 'fit_scale_min', 'trial_steps',
-          'search_scale_min', 'six_bit_codes', 'pack_six_bit', 'unpack_six_bit', 'quantize_q4_k',
-          'dequantize_q4_k', 'quantize_bytes', 'quantize', 'dequantize', 'GGUFWeight', 'GGUFLinear']
+          'LLAMA_CPP_VERSION', 'QUANTIZERS', 'DEQUANTIZERS', 'IMPORTANCE_QUANTIZERS',
+          'CHUNK_WEIGHTS', 'check_type', 'check_rows', 'to_blocks', 'signed_absmax', 'block_min',
+          'block_max', 'inverse', 'pack_nibbles', 'unpack_nibbles', 'float16_bytes',
+          'float16_values', 'symmetric_codes', 'quantize_q4_0', 'dequantize_q4_0', 'affine_codes',
+          'quantize_q4_1', 'dequantize_q4_1', 'pack_high_bits', 'unpack_high_bits', 'quantize_q5_0',
+          'dequantize_q5_0', 'quantize_q5_1', 'dequantize_q5_1', 'round_half_away', 'quantize_q8_0',
+          'dequantize_q8_0', 'llama_cpp_sdist', 'build_ggml_quants', 'reference_quantize',
+          'sequential_sum', 'nearest_int', 'float32_sqrt', 'weighted_error', 'fit_scale_min',
+          'trial_steps', 'search_scale_min', 'six_bit_codes', 'pack_six_bit', 'unpack_six_bit',
+          'refit_codes', 'fit_super_blocks', 'quantize_q4_k', 'dequantize_q4_k', 'high_bit_mask',
+          'unpack_high_bit_mask', 'quantize_q5_k', 'dequantize_q5_k', 'search_symmetric_scale',
+          'pack_two_bit', 'unpack_two_bit', 'pack_q6_codes', 'quantize_q6_k', 'dequantize_q6_k',
+          'refine_pass', 'refine_scale', 'search_q3_codes', 'pack_q3_scales', 'unpack_q3_scales',
+          'quantize_q3_k', 'dequantize_q3_k', 'four_bit_codes', 'quantize_q2_k', 'dequantize_q2_k',
+          'search_step_codes', 'quantize_q4_k_weighted', 'importance_blocks', 'quantize_bytes',
+          'quantize', 'dequantize', 'GGUFWeight', 'GGUFLinear']
 
 # %% ../nbs/06_gguf.ipynb #49d4f81c
 BLOCK_SIZE = 32  # weights per block in every legacy type
 QK_K = 256       # weights per super-block in the k-quants
 # bytes of one block, by type name as llama.cpp spells it
-BLOCK_BYTES = {'Q4_0': 18, 'Q4_1': 20, 'Q5_0': 22, 'Q5_1': 24, 'Q8_0': 34, 'Q4_K': 144}
+BLOCK_BYTES = {'Q4_0': 18, 'Q4_1': 20, 'Q5_0': 22, 'Q5_1': 24, 'Q8_0': 34,
+               'Q2_K': 84, 'Q3_K': 110, 'Q4_K': 144, 'Q5_K': 176, 'Q6_K': 210}
 BLOCK_WEIGHTS = {t: QK_K if t.endswith('_K') else BLOCK_SIZE for t in BLOCK_BYTES}
 TYPE_NAMES = tuple(BLOCK_BYTES)
 LEGACY_TYPES = tuple(t for t in TYPE_NAMES if BLOCK_WEIGHTS[t] == BLOCK_SIZE)
@@ -247,16 +255,22 @@ def build_ggml_quants(sdist: Path|None = None) -> Path:
 
 # %% ../nbs/06_gguf.ipynb #20287671
 def reference_quantize(weight: np.ndarray, # float32, rows along the last axis
-                       type_name: str) -> np.ndarray:
-    "llama.cpp's C `quantize_row_<type>_ref` bytes for `weight`, shaped like `quantize`'s."
+                       type_name: str,
+                       importance: np.ndarray|None = None, # C's `quant_weights`, one per column
+                      ) -> np.ndarray:
+    "llama.cpp's C bytes for `weight`: `quantize_row_<type>_ref` (`quantize_<type>` if importance)."
     check_type(type_name); check_rows(weight.shape[-1], type_name)
     x = np.ascontiguousarray(weight, dtype=np.float32)
-    library = ctypes.CDLL(str(build_ggml_quants()))
+    library, name = ctypes.CDLL(str(build_ggml_quants())), f'q{type_name[1:]}'
     row_bytes = x.shape[-1] // BLOCK_WEIGHTS[type_name] * BLOCK_BYTES[type_name]
     out = np.zeros((*x.shape[:-1], row_bytes), dtype=np.uint8)
-    function = getattr(library, f'quantize_row_q{type_name[1:]}_ref')
-    function(x.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p),
-             ctypes.c_int64(x.size))
+    pointer, n = (lambda a: a.ctypes.data_as(ctypes.c_void_p)), ctypes.c_int64
+    if importance is None:
+        getattr(library, f'quantize_row_{name}_ref')(pointer(x), pointer(out), n(x.size))
+    else:
+        columns = np.ascontiguousarray(importance, dtype=np.float32)
+        getattr(library, f'quantize_{name}')(pointer(x), pointer(out), n(x.size // x.shape[-1]),
+                                             n(x.shape[-1]), pointer(columns))
     return out
 
 # %% ../nbs/06_gguf.ipynb #96cecc2b
@@ -267,18 +281,19 @@ def sequential_sum(terms: torch.Tensor) -> torch.Tensor:
     return total
 
 def nearest_int(x: torch.Tensor) -> torch.Tensor:
-    "llama.cpp's `nearest_int` (for |x| < 2^22): round to nearest, ties to even, as float."
-    return torch.round(x)
+    "llama.cpp's `nearest_int` bit for bit: add 1.5 * 2^23, read the low 23 bits; as float32."
+    bits = (x.float() + 12582912.0).view(torch.int32)
+    return ((bits & 0x7FFFFF) - 0x400000).float()
 
 def float32_sqrt(x: torch.Tensor) -> torch.Tensor:
     "Correctly rounded float32 square root, like C's `sqrtf` (computed in float64)."
     return torch.sqrt(x.double()).float()
 
 # %% ../nbs/06_gguf.ipynb #1f6ca09e
-def weighted_error(scale, codes, low, x, weights) -> torch.Tensor:
-    "C's sum of `w * (scale * code + min - x)^2` over each row, in C's order."
+def weighted_error(scale, codes, low, x, weights, absolute: bool = False) -> torch.Tensor:
+    "C's sum of `w * (scale * code + min - x)^2` (or of `w * |...|`) over each row, in C's order."
     diff = scale[:, None] * codes + low[:, None] - x
-    return sequential_sum(weights * (diff * diff))
+    return sequential_sum(weights * (diff.abs() if absolute else diff * diff))
 
 def fit_scale_min(x, weights, codes, sum_w, sum_x):
     "Weighted least-squares `(scale, min, solvable)` for fixed codes, min kept at or below 0."
@@ -298,9 +313,10 @@ def trial_steps(nmax: int, rmin: float, rdelta: float, nstep: int) -> torch.Tens
                         dtype=torch.float32)
 
 # %% ../nbs/06_gguf.ipynb #03a7429f
-def search_scale_min(x: torch.Tensor, # (n, 32) sub-blocks
-                     weights: torch.Tensor, # (n, 32) importance of each value
-                     nmax: int = 15, rmin: float = -1.0, rdelta: float = 0.1, nstep: int = 20):
+def search_scale_min(x: torch.Tensor, # (n, size) sub-blocks
+                     weights: torch.Tensor, # (n, size) importance of each value
+                     nmax: int = 15, rmin: float = -1.0, rdelta: float = 0.1, nstep: int = 20,
+                     absolute: bool = False): # weigh |error| instead of error^2 (Q2_K)
     "llama.cpp's `make_qkx2_quants` on every row: `(scale, -min, codes)` of least weighted error."
     low = block_min(x)[:, 0]; low = torch.where(low > 0, torch.zeros_like(low), low)
     high = block_max(x)[:, 0]; flat = high == low
@@ -309,11 +325,11 @@ def search_scale_min(x: torch.Tensor, # (n, 32) sub-blocks
     sum_w, sum_x = sequential_sum(weights), sequential_sum(weights * x)
     iscale = torch.full_like(high, nmax) / span(low)
     codes, scale = codes_for(iscale, low), torch.ones_like(iscale) / iscale
-    best = weighted_error(scale, codes, low, x, weights)
+    best = weighted_error(scale, codes, low, x, weights, absolute)
     for step in trial_steps(nmax, rmin, rdelta, nstep):
         trial = codes_for(step / span(low), low)
         trial_scale, trial_low, solvable = fit_scale_min(x, weights, trial, sum_w, sum_x)
-        error = weighted_error(trial_scale, trial, trial_low, x, weights)
+        error = weighted_error(trial_scale, trial, trial_low, x, weights, absolute)
         better = solvable & (error < best) & ~flat
         codes, best = torch.where(better[:, None], trial, codes), torch.where(better, error, best)
         scale, low = torch.where(better, trial_scale, scale), torch.where(better, trial_low, low)
@@ -341,20 +357,34 @@ def unpack_six_bit(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.cat([a & 63, (c & 15) | (a >> 6) << 4], 1),
             torch.cat([b & 63, (c >> 4) | (b >> 6) << 4], 1))
 
+# %% ../nbs/06_gguf.ipynb #e05f947f
+def refit_codes(x: torch.Tensor, # (n, sub-blocks, size) weights
+                step: torch.Tensor, # (n, sub-blocks) each sub-block's stored step
+                codes: torch.Tensor, # (n, sub-blocks, size) search's codes, kept where step is 0
+                low: int, high: int, # the code range
+                shift: torch.Tensor|None = None): # (n, sub-blocks) stored minimums, or None
+    "C's last pass: codes `round((x + shift) / step)` for the stored steps, clamped to the range."
+    shifted = x if shift is None else x + shift[..., None]
+    refit = nearest_int(shifted / torch.where(step == 0, 1.0, step)[..., None]).clamp(low, high)
+    return torch.where((step == 0)[..., None], codes, refit)
+
 # %% ../nbs/06_gguf.ipynb #18eabddd
-def quantize_q4_k(blocks: torch.Tensor) -> torch.Tensor:
-    "(n, 144) uint8 Q4_K super-blocks: float16 d, dmin, 12 bytes of 6-bit scales/mins, codes."
+def fit_super_blocks(blocks: torch.Tensor, # (n, 256) super-blocks
+                     nmax: int = 15, rmin: float = -1.0, nstep: int = 20):
+    "`(header, codes)`: Q4_K's (or Q5_K's) d, dmin and 6-bit scales (n, 16), codes (n, 8, 32)."
     sub = blocks.reshape(-1, 32)
     weights = float32_sqrt(sequential_sum(sub * sub) / 32)[:, None] + sub.abs()
-    scales, minimums, codes = search_scale_min(sub, weights)
+    scales, minimums, codes = search_scale_min(sub, weights, nmax, rmin, 0.1, nstep)
     (sc, d), (m, dmin) = six_bit_codes(scales.view(-1, 8)), six_bit_codes(minimums.view(-1, 8))
     d_bytes, dmin_bytes = float16_bytes(d), float16_bytes(dmin, 'minimum step')
     step, shift = float16_values(d_bytes) * sc.float(), float16_values(dmin_bytes) * m.float()
-    refit = nearest_int((blocks.view(-1, 8, 32) + shift[..., None])
-                        / torch.where(step == 0, 1.0, step)[..., None]).clamp(0, 15)
-    codes = torch.where((step == 0)[..., None], codes.view(-1, 8, 32), refit).to(torch.uint8)
-    nibbles = (codes[:, 0::2] | codes[:, 1::2] << 4).reshape(-1, 128)
-    return torch.cat([d_bytes, dmin_bytes, pack_six_bit(sc, m), nibbles], dim=1)
+    codes = refit_codes(blocks.view(-1, 8, 32), step, codes.view(-1, 8, 32), 0, nmax, shift)
+    return torch.cat([d_bytes, dmin_bytes, pack_six_bit(sc, m)], dim=1), codes.to(torch.uint8)
+
+def quantize_q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    "(n, 144) uint8 Q4_K super-blocks: float16 d, dmin, 12 bytes of 6-bit scales/mins, codes."
+    header, codes = fit_super_blocks(blocks)
+    return torch.cat([header, (codes[:, 0::2] | codes[:, 1::2] << 4).reshape(-1, 128)], dim=1)
 
 def dequantize_q4_k(data: torch.Tensor) -> torch.Tensor:
     "(n, 256) float32 weights `d*sc_j * q - dmin*m_j` from (n, 144) Q4_K super-blocks."
@@ -365,28 +395,292 @@ def dequantize_q4_k(data: torch.Tensor) -> torch.Tensor:
     codes = torch.stack([nibbles & 15, nibbles >> 4], dim=2).reshape(-1, 8, 32).float()
     return (step[..., None] * codes - shift[..., None]).reshape(-1, QK_K)
 
+# %% ../nbs/06_gguf.ipynb #f1dc92a8
+def high_bit_mask(codes: torch.Tensor, # (n, 8, 32) uint8 codes
+                  bit: int) -> torch.Tensor:
+    "(n, 32) uint8: bit j of byte l is bit `bit` of code l of row j (Q5_K's qh, Q3_K's hmask)."
+    bits = ((codes >> bit) & 1) << torch.arange(8, dtype=torch.uint8, device=codes.device)[:, None]
+    return bits.sum(1, dtype=torch.uint8)  # the eight bits are distinct, so the sum is their `or`
+
+def unpack_high_bit_mask(mask: torch.Tensor) -> torch.Tensor:
+    "(n, 8, 32) uint8 bits 0 or 1 from `high_bit_mask`'s (n, 32) bytes."
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)[:, None]
+    return (mask[:, None, :] >> shifts) & 1
+
+def quantize_q5_k(blocks: torch.Tensor) -> torch.Tensor:
+    "(n, 176) uint8 Q5_K super-blocks: Q4_K's header, 32 bytes of fifth bits, the low nibbles."
+    header, codes = fit_super_blocks(blocks, nmax=31, rmin=-0.5, nstep=15)
+    low = codes & 15
+    return torch.cat([header, high_bit_mask(codes, 4),
+                      (low[:, 0::2] | low[:, 1::2] << 4).reshape(-1, 128)], dim=1)
+
+def dequantize_q5_k(data: torch.Tensor) -> torch.Tensor:
+    "(n, 256) float32 weights `d*sc_j * q - dmin*m_j` from (n, 176) Q5_K super-blocks."
+    sc, m = unpack_six_bit(data[:, 4:16])
+    step = float16_values(data[:, :2]) * sc.float()
+    shift = float16_values(data[:, 2:4]) * m.float()
+    nibbles = data[:, 48:].reshape(-1, 4, 32)
+    low = torch.stack([nibbles & 15, nibbles >> 4], dim=2).reshape(-1, 8, 32)
+    codes = (low | unpack_high_bit_mask(data[:, 16:48]) << 4).float()
+    return (step[..., None] * codes - shift[..., None]).reshape(-1, QK_K)
+
+# %% ../nbs/06_gguf.ipynb #aa3b6a38
+def search_symmetric_scale(x: torch.Tensor, # (n, size) sub-blocks
+                           weights: torch.Tensor, # (n, size) importance of each value
+                           nmax: int): # codes run over -nmax..nmax-1
+    "llama.cpp's `make_qx_quants` on every row: `(scale, codes + nmax)` of largest weighted fit."
+    top = signed_absmax(x)[:, 0]; zero = top.abs() < 1e-15  # C's GROUP_MAX_EPS: all zero
+    top = torch.where(zero, 1.0, top)
+    def trial(numerator):
+        codes = nearest_int((-numerator / top)[:, None] * x).clamp(-nmax, nmax - 1)
+        return codes, sequential_sum(weights * x * codes), sequential_sum(weights * codes * codes)
+    codes, sum_xl, sum_l2 = trial(torch.tensor(float(nmax)))
+    scale = torch.where(sum_l2 != 0, sum_xl / torch.where(sum_l2 != 0, sum_l2, 1.0), 0.0)
+    best = scale * sum_xl
+    for k in [*range(-9, 0), *range(1, 10)]:  # nmax + 0.1*k, in float32 as C computes it
+        numerator = np.float32(nmax) + np.float32(0.1) * np.float32(k)
+        trial_codes, trial_xl, trial_l2 = trial(torch.tensor(numerator))
+        better = (trial_l2 > 0) & (trial_xl * trial_xl > best * trial_l2)
+        codes = torch.where(better[:, None], trial_codes, codes)
+        scale = torch.where(better, trial_xl / torch.where(better, trial_l2, 1.0), scale)
+        best = torch.where(better, scale * trial_xl, best)
+    return torch.where(zero, 0.0, scale), torch.where(zero[:, None], 0.0, codes + nmax)
+
+# %% ../nbs/06_gguf.ipynb #b7ab4912
+def pack_two_bit(codes: torch.Tensor) -> torch.Tensor:
+    "(n, 64) uint8 from (n, 256) codes 0..3: byte 32h + l holds code 128h + 32k + l at bits 2k."
+    c = codes.to(torch.uint8).reshape(-1, 2, 4, 32)
+    return (c[:, :, 0] | c[:, :, 1] << 2 | c[:, :, 2] << 4 | c[:, :, 3] << 6).reshape(-1, 64)
+
+def unpack_two_bit(packed: torch.Tensor) -> torch.Tensor:
+    "(n, 256) uint8 codes 0..3 from `pack_two_bit`'s (n, 64) bytes."
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device).view(1, 1, 4, 1)
+    return ((packed.reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, QK_K)
+
+def pack_q6_codes(codes: torch.Tensor) -> torch.Tensor:
+    "(n, 192) uint8 from (n, 256) codes 0..63: 128 bytes of low nibbles, 64 of high two bits."
+    low = (codes & 15).reshape(-1, 2, 4, 32)
+    ql = low[:, :, :2] | low[:, :, 2:] << 4
+    return torch.cat([ql.reshape(-1, 128), pack_two_bit(codes.reshape(-1, QK_K) >> 4)], dim=1)
+
+# %% ../nbs/06_gguf.ipynb #88c064b1
+def quantize_q6_k(blocks: torch.Tensor, # (n, 256) super-blocks
+                  importance: torch.Tensor|None = None, # (n, 256) error weights; None: x^2
+                 ) -> torch.Tensor:
+    "(n, 210) uint8 Q6_K super-blocks: 6-bit codes as ql and qh, 16 int8 scales, float16 d."
+    sub = blocks.reshape(-1, 16)
+    weights = sub * sub if importance is None else importance.reshape(-1, 16)
+    scales, codes = search_symmetric_scale(sub, weights, 32)
+    scales = scales.view(-1, 16)
+    top = signed_absmax(scales); empty = top.abs() < 1e-15
+    inverse_d = torch.full_like(top, -128.0) / torch.where(empty, 1.0, top)
+    d_bytes = float16_bytes(torch.where(empty, 0.0, 1 / inverse_d))
+    sc = nearest_int(inverse_d * scales).clamp(max=127)
+    step = float16_values(d_bytes) * sc
+    codes = refit_codes(blocks.view(-1, 16, 16), step, codes.view(-1, 16, 16) - 32, -32, 31) + 32
+    data = torch.cat([pack_q6_codes(codes.to(torch.uint8)),
+                      sc.to(torch.int8).view(torch.uint8), d_bytes], dim=1)
+    return torch.where(empty, 0, data)
+
+def dequantize_q6_k(data: torch.Tensor) -> torch.Tensor:
+    "(n, 256) float32 weights `d*sc_j * (q - 32)` from (n, 210) Q6_K super-blocks."
+    ql = data[:, :128].reshape(-1, 2, 2, 32)
+    low = torch.cat([ql & 15, ql >> 4], dim=2).reshape(-1, QK_K)
+    codes = (low | unpack_two_bit(data[:, 128:192]) << 4).float() - 32
+    step = float16_values(data[:, 208:]) * data[:, 192:208].contiguous().view(torch.int8).float()
+    return (step[..., None] * codes.view(-1, 16, 16)).reshape(-1, QK_K)
+
+# %% ../nbs/06_gguf.ipynb #f4d598a9
+def refine_pass(x, weights, codes, sum_xl, sum_l2, low: int|None, high: int, # the code range
+                skip_empty_rest: bool = False): # skip a code whose rest has no weight (qp)
+    "One pass of `make_q3_quants` over the codes in order: `(codes, sum_xl, sum_l2, changed)`."
+    changed = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    for i in range(x.shape[1]):
+        w, wx, l = weights[:, i], weights[:, i] * x[:, i], codes[:, i]
+        rest_xl, rest_l2 = sum_xl - wx * l, sum_l2 - w * l * l
+        usable = (rest_xl > 0) & (rest_l2 > 0) if skip_empty_rest else rest_xl > 0
+        new = nearest_int(x[:, i] * rest_l2 / torch.where(usable, rest_xl, 1.0)).clamp(low, high)
+        trial_xl, trial_l2 = rest_xl + wx * new, rest_l2 + w * new * new
+        take = (usable & (new != l) & (skip_empty_rest | (trial_l2 > 0))
+                & (trial_xl * trial_xl * sum_l2 > sum_xl * sum_xl * trial_l2))
+        codes[:, i] = torch.where(take, new, l)
+        sum_xl, sum_l2 = torch.where(take, trial_xl, sum_xl), torch.where(take, trial_l2, sum_l2)
+        changed |= take
+    return codes, sum_xl, sum_l2, changed
+
+def refine_scale(x, weights, codes, low: int|None, high: int, skip_empty_rest: bool = False,
+                 passes: int = 5):
+    "`(scale, codes)` after up to `passes` of `refine_pass`; a row stops after an unchanged pass."
+    sum_xl, sum_l2 = sequential_sum(weights * x * codes), sequential_sum(weights * codes * codes)
+    rows = torch.arange(len(x), device=x.device)  # the rows still changing
+    for _ in range(passes):
+        if len(rows) == 0: break
+        codes[rows], sum_xl[rows], sum_l2[rows], changed = refine_pass(x[rows], weights[rows],
+            codes[rows], sum_xl[rows], sum_l2[rows], low, high, skip_empty_rest)
+        rows = rows[changed]
+    return torch.where(sum_l2 > 0, sum_xl / torch.where(sum_l2 > 0, sum_l2, 1.0), 0.0), codes
+
+# %% ../nbs/06_gguf.ipynb #07c2334c
+def search_q3_codes(x: torch.Tensor, # (n, 16) sub-blocks
+                    nmax: int = 4):
+    "llama.cpp's `make_q3_quants` on every row: `(scale, codes + nmax)`."
+    top = signed_absmax(x)[:, 0]; zero = top.abs() < 1e-15
+    top = torch.where(zero, 1.0, top)
+    codes = nearest_int((torch.full_like(top, -nmax) / top)[:, None] * x).clamp(-nmax, nmax - 1)
+    scale, codes = refine_scale(x, x * x, codes, -nmax, nmax - 1)
+    return torch.where(zero, 0.0, scale), torch.where(zero[:, None], 0.0, codes + nmax)
+
+# %% ../nbs/06_gguf.ipynb #fb0cf75f
+def pack_q3_scales(sc: torch.Tensor) -> torch.Tensor:
+    "(n, 12) uint8 from (n, 16) six-bit scales: low nibbles in bytes 0-7, high two bits in 8-11."
+    low, high = sc & 15, sc >> 4
+    return torch.cat([low[:, :8] | low[:, 8:] << 4, high[:, 0:4] | high[:, 4:8] << 2
+                      | high[:, 8:12] << 4 | high[:, 12:] << 6], dim=1).to(torch.uint8)
+
+def unpack_q3_scales(packed: torch.Tensor) -> torch.Tensor:
+    "(n, 16) int32 six-bit scales from `pack_q3_scales`' (n, 12) bytes."
+    p = packed.int()
+    shifts = torch.arange(0, 8, 2, device=p.device).repeat_interleave(4)
+    high = (p[:, 8:].repeat(1, 4) >> shifts) & 3
+    return torch.cat([p[:, :8] & 15, p[:, :8] >> 4], dim=1) | high << 4
+
+# %% ../nbs/06_gguf.ipynb #1898d7ca
+def quantize_q3_k(blocks: torch.Tensor) -> torch.Tensor:
+    "(n, 110) uint8 Q3_K super-blocks: high-bit mask, 2-bit codes, 12 bytes of scales, float16 d."
+    scales, codes = search_q3_codes(blocks.reshape(-1, 16))
+    scales = scales.view(-1, 16)
+    top = signed_absmax(scales); some = top != 0
+    inverse_d = torch.full_like(top, -32.0) / torch.where(some, top, 1.0)
+    sc = torch.where(some, nearest_int(inverse_d * scales).clamp(-32, 31) + 32, 0).int()
+    d_bytes = float16_bytes(torch.where(some, 1 / inverse_d, 0.0))
+    step = float16_values(d_bytes) * (sc - 32).float()
+    codes = refit_codes(blocks.view(-1, 16, 16), step, codes.view(-1, 16, 16) - 4, -4, 3) + 4
+    codes = codes.to(torch.uint8).view(-1, 8, 32)
+    return torch.cat([high_bit_mask(codes, 2), pack_two_bit(codes & 3), pack_q3_scales(sc),
+                      d_bytes], dim=1)
+
+def dequantize_q3_k(data: torch.Tensor) -> torch.Tensor:
+    "(n, 256) float32 weights `d*(sc_j - 32) * (q - 4)` from (n, 110) Q3_K super-blocks."
+    high = unpack_high_bit_mask(data[:, :32]).reshape(-1, QK_K)
+    codes = (unpack_two_bit(data[:, 32:96]) | high << 2).float() - 4
+    step = float16_values(data[:, 108:]) * (unpack_q3_scales(data[:, 96:108]) - 32).float()
+    return (step[..., None] * codes.view(-1, 16, 16)).reshape(-1, QK_K)
+
+# %% ../nbs/06_gguf.ipynb #e8a012bc
+def four_bit_codes(values: torch.Tensor, # (n, 16) sub-block scales or minimums
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    "`(codes, step)`: values as 4-bit multiples of step = max/15, rounded as llama.cpp does."
+    top = values.amax(1, keepdim=True)
+    top = torch.where(top > 0, top, 0.0)  # C starts its max at 0
+    inverse_step = torch.full_like(top, 15.0) / torch.where(top > 0, top, 1.0)
+    return torch.where(top > 0, nearest_int(inverse_step * values), 0.0).int(), top / 15
+
+def quantize_q2_k(blocks: torch.Tensor) -> torch.Tensor:
+    "(n, 84) uint8 Q2_K super-blocks: 16 bytes of 4-bit scales and mins, 2-bit codes, d, dmin."
+    sub = blocks.reshape(-1, 16)
+    scales, minimums, codes = search_scale_min(sub, sub.abs(), 3, -0.5, 0.1, 15, absolute=True)
+    (sc, d), (m, dmin) = four_bit_codes(scales.view(-1, 16)), four_bit_codes(minimums.view(-1, 16))
+    packed = ((sc & 255) | m << 4) & 255  # C stores sc in a uint8, then ors m << 4 into it
+    d_bytes, dmin_bytes = float16_bytes(d), float16_bytes(dmin, 'minimum step')
+    step = float16_values(d_bytes) * (packed & 15).float()
+    shift = float16_values(dmin_bytes) * (packed >> 4).float()
+    codes = refit_codes(blocks.view(-1, 16, 16), step, codes.view(-1, 16, 16), 0, 3, shift)
+    return torch.cat([packed.to(torch.uint8), pack_two_bit(codes), d_bytes, dmin_bytes], dim=1)
+
+def dequantize_q2_k(data: torch.Tensor) -> torch.Tensor:
+    "(n, 256) float32 weights `d*sc_j * q - dmin*m_j` from (n, 84) Q2_K super-blocks."
+    packed = data[:, :16]
+    step = float16_values(data[:, 80:82]) * (packed & 15).float()
+    shift = float16_values(data[:, 82:]) * (packed >> 4).float()
+    codes = unpack_two_bit(data[:, 16:80]).float().view(-1, 16, 16)
+    return (step[..., None] * codes - shift[..., None]).reshape(-1, QK_K)
+
+# %% ../nbs/06_gguf.ipynb #361f04c3
+def search_step_codes(values: torch.Tensor, # (n, 8) non-negative sub-block scales or minimums
+                      weights: torch.Tensor, # (n, 8) each sub-block's total weight
+                      nmax: int = 63):
+    "llama.cpp's `make_qp_quants` on every row: `(step, codes)`, codes at most nmax."
+    top = values.amax(1); zero = top < 1e-15  # C's GROUP_MAX_EPS: all zero
+    top = torch.where(zero, 1.0, top)
+    def error(inverse, codes):
+        diff = values - (1 / inverse)[:, None] * codes
+        return sequential_sum(weights * diff * diff)
+    inverse = torch.full_like(top, nmax) / top
+    best = error(inverse, nearest_int(inverse[:, None] * values))
+    for k in [*range(-4, 0), *range(1, 5)]:
+        trial = torch.tensor(np.float32(0.1) * np.float32(k) + np.float32(nmax)) / top
+        trial_error = error(trial, nearest_int(trial[:, None] * values).clamp(max=nmax))
+        better = trial_error < best
+        best, inverse = torch.where(better, trial_error, best), torch.where(better, trial, inverse)
+    codes = nearest_int(inverse[:, None] * values).clamp(max=nmax)
+    step, codes = refine_scale(values, weights, codes, None, nmax, skip_empty_rest=True)
+    return torch.where(zero, 0.0, step), torch.where(zero[:, None], 0.0, codes)
+
+# %% ../nbs/06_gguf.ipynb #e7704814
+def quantize_q4_k_weighted(blocks: torch.Tensor, # (n, 256) super-blocks
+                           importance: torch.Tensor, # (n, 256) the importance of each weight
+                          ) -> torch.Tensor:
+    "(n, 144) uint8 Q4_K super-blocks as C's `quantize_q4_K` makes them with `quant_weights`."
+    sigma2 = 2 * sequential_sum(blocks * blocks) / QK_K
+    sub = blocks.reshape(-1, 32)
+    spread = float32_sqrt(sigma2.repeat_interleave(8)[:, None] + sub * sub)
+    weights = importance.reshape(-1, 32) * spread
+    scales, minimums, codes = search_scale_min(sub, weights, 15, -0.9, 0.05, 36)
+    sub_weights = sequential_sum(weights).view(-1, 8)
+    d, sc = search_step_codes(scales.view(-1, 8), sub_weights)
+    dmin, m = search_step_codes(minimums.view(-1, 8), sub_weights)
+    d_bytes, dmin_bytes = float16_bytes(d[:, None]), float16_bytes(dmin[:, None], 'minimum step')
+    packed = pack_six_bit(sc.int(), m.int()); sc, m = unpack_six_bit(packed)
+    step, shift = float16_values(d_bytes) * sc.float(), float16_values(dmin_bytes) * m.float()
+    codes = refit_codes(blocks.view(-1, 8, 32), step, codes.view(-1, 8, 32), 0, 15, shift)
+    codes = codes.to(torch.uint8)
+    nibbles = (codes[:, 0::2] | codes[:, 1::2] << 4).reshape(-1, 128)
+    return torch.cat([d_bytes, dmin_bytes, packed, nibbles], dim=1)
+
 # %% ../nbs/06_gguf.ipynb #629701e7
 QUANTIZERS = {'Q4_0': quantize_q4_0, 'Q4_1': quantize_q4_1, 'Q5_0': quantize_q5_0,
-              'Q5_1': quantize_q5_1, 'Q8_0': quantize_q8_0, 'Q4_K': quantize_q4_k}
+              'Q5_1': quantize_q5_1, 'Q8_0': quantize_q8_0, 'Q2_K': quantize_q2_k,
+              'Q3_K': quantize_q3_k, 'Q4_K': quantize_q4_k, 'Q5_K': quantize_q5_k,
+              'Q6_K': quantize_q6_k}
 DEQUANTIZERS = {'Q4_0': dequantize_q4_0, 'Q4_1': dequantize_q4_1, 'Q5_0': dequantize_q5_0,
-                'Q5_1': dequantize_q5_1, 'Q8_0': dequantize_q8_0, 'Q4_K': dequantize_q4_k}
+                'Q5_1': dequantize_q5_1, 'Q8_0': dequantize_q8_0, 'Q2_K': dequantize_q2_k,
+                'Q3_K': dequantize_q3_k, 'Q4_K': dequantize_q4_k, 'Q5_K': dequantize_q5_k,
+                'Q6_K': dequantize_q6_k}
+IMPORTANCE_QUANTIZERS = {'Q4_K': quantize_q4_k_weighted, 'Q6_K': quantize_q6_k}
+CHUNK_WEIGHTS = 2 ** 18  # weights quantized at a time, a working set that stays in cache
 
-def quantize_bytes(weight: torch.Tensor, type_name: str) -> torch.Tensor:
+def importance_blocks(importance, weight: torch.Tensor, type_name: str) -> torch.Tensor:
+    "`importance` (one value per column of `weight`) checked, as float32 rows like its blocks."
+    if type_name not in IMPORTANCE_QUANTIZERS:
+        raise NotImplementedError(f"importance-weighted {type_name} is not implemented here (only "
+                                  f"{', '.join(IMPORTANCE_QUANTIZERS)}); pass importance=None")
+    if isinstance(importance, np.ndarray): importance = torch.from_numpy(importance)
+    check_tensor(importance, 'importance')
+    if tuple(importance.shape) != (weight.shape[-1],):
+        raise ValueError(f"importance must hold one value per column of weight, shape "
+                         f"({weight.shape[-1]},), got {tuple(importance.shape)}")
+    columns = importance.detach().float().to(weight.device)
+    return columns.expand(weight.shape).reshape(-1, BLOCK_WEIGHTS[type_name])
+
+def quantize_bytes(weight: torch.Tensor, type_name: str, importance=None) -> torch.Tensor:
     "The type's blocks of `weight` as a uint8 tensor (..., row bytes), on the weight's device."
-    blocks = QUANTIZERS[check_type(type_name)](to_blocks(weight, type_name))
-    return blocks.reshape(*weight.shape[:-1], -1)
+    blocks = to_blocks(weight, type_name)
+    chunk, quantizer = CHUNK_WEIGHTS // BLOCK_WEIGHTS[type_name], QUANTIZERS[type_name]
+    if importance is None: parts = [quantizer(part) for part in blocks.split(chunk)]
+    else:
+        weights = importance_blocks(importance, weight, type_name).split(chunk)
+        quantizer = IMPORTANCE_QUANTIZERS[type_name]
+        parts = [quantizer(part, w) for part, w in zip(blocks.split(chunk), weights)]
+    return torch.cat(parts).reshape(*weight.shape[:-1], -1)
 
 # %% ../nbs/06_gguf.ipynb #bef80705
 def quantize(weight, # float torch tensor or numpy array, rows along the last dimension
-             type_name: str, # 'Q4_0', 'Q4_1', 'Q5_0', 'Q5_1', 'Q8_0' or 'Q4_K'
-             importance=None, # llama.cpp's importance matrix (not implemented: must be None)
+             type_name: str, # one of `TYPE_NAMES`: 'Q4_0' ... 'Q8_0', 'Q2_K' ... 'Q6_K'
+             importance=None, # llama.cpp's importance of each column (Q4_K, Q6_K), or None
             ) -> np.ndarray:
     "The blocks of `type_name` for `weight`, as numpy uint8 shaped (..., row bytes) like `gguf`'s."
-    if importance is not None:
-        raise NotImplementedError(f"importance-weighted {type_name} is not implemented here; "
-                                  "pass importance=None for llama.cpp's reference quantizer")
     if isinstance(weight, np.ndarray): weight = torch.from_numpy(weight)
-    return quantize_bytes(weight, type_name).cpu().numpy()
+    return quantize_bytes(weight, type_name, importance).cpu().numpy()
 
 def dequantize(data, # uint8 numpy array or tensor from `quantize`
                type_name: str, shape) -> torch.Tensor:

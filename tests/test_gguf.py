@@ -1,4 +1,4 @@
-"Tests for quantcourse.gguf: llama.cpp's legacy block types byte-identical to the `gguf` package, the layer, bad input."
+"Tests for quantcourse.gguf: the legacy types byte-identical to the `gguf` package, the k-quants to llama.cpp's C, the layer, bad input."
 import math
 import numpy as np
 import pytest, torch
@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType
 from safetensors.torch import save_file, load_file
 from quantcourse.core import load_model
 from quantcourse.gguf import (BLOCK_BYTES, BLOCK_SIZE, LEGACY_TYPES, QK_K, TYPE_NAMES, GGUFLinear, block_min,
-                              build_ggml_quants, dequantize, quantize, reference_quantize, round_half_away)
+                              build_ggml_quants, dequantize, nearest_int, quantize, reference_quantize, round_half_away)
 from quantcourse.api import quantize_model, save_quantized, load_quantized
 from tiny_models import build, calibration
 
@@ -27,6 +27,11 @@ def weights(shape, seed=0, std=1.0) -> np.ndarray:
     blocks[::5] = 0
     blocks[-1] = np.float32(std)      # a constant block: max == min
     return w + np.float32(0.0)         # no negative zeros: numpy's min and C's loop may disagree on their sign
+
+@pytest.fixture(scope='module')
+def course_weights():
+    model, _ = load_model(device='cpu')
+    return {n: p.detach() for n, p in model.named_parameters() if p.ndim == 2}
 
 SHAPES = [(1, 32), (4, 64), (3, 5, 96), (64, 576), (7, 1536)]
 
@@ -62,10 +67,9 @@ def test_signed_zero_minimum_follows_c_loop():
         data = quantize(b, 'Q4_1')
         assert data[0, 3] == (0x80 if str(first) == '-0.0' else 0)  # float16 m's sign bit
 
-def test_every_course_model_weight_every_type():
+def test_every_course_model_weight_every_type(course_weights):
     "All 2-D weights of the course model (211 tensors, 134M weights), in all five types, byte-identical to gguf."
-    model, _ = load_model(device='cpu')
-    tensors = {n: p.detach().numpy() for n, p in model.named_parameters() if p.ndim == 2}
+    tensors = {n: w.numpy() for n, w in course_weights.items()}
     assert len(tensors) == 211
     for type_name in LEGACY_TYPES:
         for name, w in tensors.items():
@@ -85,11 +89,18 @@ def test_bad_input():
     w = torch.from_numpy(weights((4, 64)))
     with pytest.raises(ValueError, match='rows hold 100 values; pad the last dimension to a multiple of 32'):
         quantize(torch.ones(3, 100), 'Q4_0')
-    with pytest.raises(ValueError, match=r"unknown GGUF type 'Q6_K'; valid types are Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K"):
-        quantize(w, 'Q6_K')
+    with pytest.raises(ValueError, match=r"unknown GGUF type 'Q7_K'; valid types are Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K"):
+        quantize(w, 'Q7_K')
+    for type_name in K_TYPES:
+        with pytest.raises(ValueError, match=f"{type_name} stores rows in blocks of 256, but this weight.s rows hold 576 values; pad the last dimension"):
+            quantize(torch.ones(2, 576), type_name)
+    with pytest.raises(ValueError, match=r'importance must hold one value per column of weight, shape \(512,\), got \(256,\)'):
+        quantize(torch.ones(2, 512), 'Q6_K', importance=np.ones(256, np.float32))
+    with pytest.raises(ValueError, match='importance must not contain NaN or Inf|NaN or Inf'):
+        quantize(torch.ones(2, 256), 'Q6_K', importance=np.full(256, np.nan, np.float32))
     with pytest.raises(ValueError, match='Q4_K stores rows in blocks of 256, but this weight.s rows hold 576 values'):
         quantize(torch.ones(2, 576), 'Q4_K')
-    with pytest.raises(NotImplementedError, match='importance=None'): quantize(torch.ones(2, 256), 'Q4_K', importance=np.ones(256))
+    with pytest.raises(NotImplementedError, match=r'only Q4_K, Q6_K\); pass importance=None'): quantize(torch.ones(2, 256), 'Q5_K', importance=np.ones(256))
     with pytest.raises(ValueError, match='unknown GGUF type'): dequantize(quantize(w, 'Q4_0'), 'q4_0', (4, 64))
     for bad in (math.nan, math.inf, -math.inf):
         x = w.clone(); x[1, 7] = bad
@@ -162,40 +173,72 @@ def test_legacy_bytes_equal_c_signed_zeros_included(type_name, c_reference):
         w.reshape(-1, 32)[::4] = -0.0
         np.testing.assert_array_equal(quantize(w, type_name), reference_quantize(w, type_name))
 
-def q4_k_weights(shape, seed=0, std=1.0):
-    "Normal values and the blocks that take the search's other paths: zero, constant, all-positive, one outlier."
+K_TYPES = [t for t in TYPE_NAMES if t.endswith('_K')]
+
+def k_weights(shape, seed=0, std=1.0):
+    "Normal values and the blocks that take the searches' other paths: zero, constant, all-positive, one outlier."
     w = weights(shape, seed, std)
-    sub = w.reshape(-1, 32)
+    sub = w.reshape(-1, 16)
     sub[1::7] = np.abs(sub[1::7])                          # min > 0: the min is clamped to 0
     sub[2::11] = np.float32(std) * 0.5                     # constant sub-blocks: max == min
     sub[3::13, 5] = np.float32(std) * 40                   # an outlier
+    w.reshape(-1, QK_K)[2::5] = 0                          # whole super-blocks of zeros
     return w
 
-@pytest.mark.parametrize('std', [1.0, 0.02, 1e-5, 300.0])
-def test_q4_k_bytes_equal_c_and_gguf_decodes_them(std, c_reference):
-    for seed, shape in enumerate([(1, 256), (4, 512), (3, 2, 768), (64, 1536)]):
-        w = q4_k_weights(shape, seed, std)
-        ours = quantize(w, 'Q4_K')
-        assert ours.shape == (*shape[:-1], shape[-1] // 256 * 144)
-        np.testing.assert_array_equal(ours, reference_quantize(w, 'Q4_K'))
-        values = dequantize(ours, 'Q4_K', shape).numpy()
-        assert np.array_equal(values.view(np.uint32), their_values(ours, 'Q4_K').reshape(shape).view(np.uint32))
+def test_nearest_int_is_c_magic_number_rounding():
+    x = np.array([0.5, 1.5, 2.5, -0.5, -2.5, 3.4999998, 4194303.0, 5e6, -3e7, 1e30], np.float32)
+    magic = ((x + np.float32(12582912)).view(np.int32) & 0x7FFFFF) - 0x400000
+    assert nearest_int(torch.from_numpy(x)).tolist() == magic.tolist()
 
-def test_q4_k_every_course_model_weight_it_can_hold(c_reference):
-    "The 30 down_proj weights (rows of 1536); every other 2-D weight has rows of 576, not a multiple of 256."
-    model, _ = load_model(device='cpu')
-    tensors = {n: p.detach().numpy() for n, p in model.named_parameters() if p.ndim == 2}
-    holdable = {n: w for n, w in tensors.items() if w.shape[-1] % QK_K == 0}
-    assert len(holdable) == 30 and all(n.endswith('mlp.down_proj.weight') for n in holdable)
-    for name, w in holdable.items():
-        assert np.array_equal(quantize(w, 'Q4_K'), reference_quantize(w, 'Q4_K')), name
+@pytest.mark.parametrize('type_name', K_TYPES)
+@pytest.mark.parametrize('std', [1.0, 0.02, 1e-5, 1e-30, 3000.0])
+def test_k_quant_bytes_equal_c_and_gguf_decodes_them(type_name, std, c_reference):
+    for seed, shape in enumerate([(1, 256), (4, 512), (3, 2, 768), (64, 1536), (2, 256)]):
+        w = k_weights(shape, seed, std)
+        ours = quantize(w, type_name)
+        assert ours.shape == (*shape[:-1], shape[-1] // 256 * BLOCK_BYTES[type_name])
+        np.testing.assert_array_equal(ours, reference_quantize(w, type_name))
+        values = dequantize(ours, type_name, shape).numpy()
+        assert np.array_equal(values.view(np.uint32), their_values(ours, type_name).reshape(shape).view(np.uint32))
 
-def test_q4_k_layer(tmp_path):
+@pytest.mark.parametrize('type_name', K_TYPES)
+def test_k_quants_every_course_model_weight(type_name, course_weights, c_reference):
+    "The 30 down_proj weights as they are (rows of 1536; every other 2-D weight has rows of 576), and the values of all 211 tensors flattened into super-blocks, every 64th of each."
+    holdable = {n: w for n, w in course_weights.items() if w.shape[-1] % QK_K == 0}
+    assert len(course_weights) == 211 and len(holdable) == 30 and all(n.endswith('mlp.down_proj.weight') for n in holdable)
+    stacked = torch.stack(list(holdable.values()))            # (30, 576, 1536): one call each side
+    ours, theirs = quantize(stacked, type_name), reference_quantize(stacked.numpy(), type_name)
+    for i, name in enumerate(holdable): assert np.array_equal(ours[i], theirs[i]), name
+    offset = K_TYPES.index(type_name)                          # each type sees other super-blocks
+    flat = torch.cat([w.reshape(-1, QK_K)[offset::64] for w in course_weights.values()])
+    ours = quantize(flat, type_name)
+    np.testing.assert_array_equal(ours, reference_quantize(flat.numpy(), type_name))
+    values = dequantize(ours, type_name, flat.shape).numpy()
+    assert np.array_equal(values.view(np.uint32), their_values(ours, type_name).reshape(flat.shape).view(np.uint32))
+
+@pytest.mark.parametrize('type_name', ['Q4_K', 'Q6_K'])
+def test_importance_equals_c_quantize_with_quant_weights(type_name, course_weights, c_reference):
+    "quantize(..., importance=) against C's quantize_q4_K / quantize_q6_K with the same quant_weights."
+    for seed, (shape, std) in enumerate([((4, 256), 1.0), ((64, 1536), 0.02), ((8, 512), 1e-5), ((16, 768), 3000.0), ((2, 256), 1e-30)]):
+        w = k_weights(shape, seed, std)
+        importance = np.random.default_rng(seed).exponential(size=shape[-1]).astype(np.float32)
+        importance[::17] = 0                                   # zero importance for some columns
+        ours = quantize(w, type_name, importance=importance)
+        np.testing.assert_array_equal(ours, reference_quantize(w, type_name, importance))
+        if std == 1.0: assert not np.array_equal(ours, quantize(w, type_name))
+    for layer in (0, 17, 29):                                  # down_proj with random positive importance
+        w = course_weights[f'model.layers.{layer}.mlp.down_proj.weight']
+        importance = np.random.default_rng(layer).gamma(0.5, size=1536).astype(np.float32) + np.float32(1e-3)
+        np.testing.assert_array_equal(quantize(w, type_name, importance=torch.from_numpy(importance)),
+                                      reference_quantize(w.numpy(), type_name, importance))
+
+@pytest.mark.parametrize('type_name', K_TYPES)
+def test_k_quant_layer(type_name, tmp_path):
     lin, x = linear(512, 16), torch.randn(3, 512)
-    layer = GGUFLinear.from_linear(lin, 'Q4_K')
-    assert layer.bits_per_weight == 4.5
-    with torch.no_grad(): assert torch.equal(layer(x), F.linear(x, dequantize(layer.data, 'Q4_K', (16, 512)), lin.bias))
+    layer = GGUFLinear.from_linear(lin, type_name)
+    assert layer.bits_per_weight == 8 * BLOCK_BYTES[type_name] / 256
+    with torch.no_grad(): assert torch.equal(layer(x), F.linear(x, dequantize(layer.data, type_name, (16, 512)), lin.bias))
     save_file(layer.state_dict(), str(tmp_path / 'l.safetensors'))
     fresh = GGUFLinear.from_config(layer.config()); fresh.load_state_dict(load_file(str(tmp_path / 'l.safetensors')))
     with torch.no_grad(): assert torch.equal(fresh(x), layer(x))
-    with pytest.raises(ValueError, match='multiple of 256'): GGUFLinear(576, 8, type_name='Q4_K')
+    with pytest.raises(ValueError, match='multiple of 256'): GGUFLinear(576, 8, type_name=type_name)
