@@ -3,37 +3,40 @@
 #   1. timing, the card to itself: each search (ours, llm-compressor's, llm-awq's) on the first 6 blocks of the
 #      course model at the full budget, one after another (--timing-blocks), after the float32 correctness check;
 #   2. quality, several workers sharing the card, each taking the next row no other has taken (--claims) and
-#      skipping the rows DONE already holds: two for llm-awq (about 48 GiB each at the full budget), two for ours
-#      (about 18 GiB each; one starts with 4 bits, the other with 3). A worker that runs out of memory waits and
-#      tries again. The workers start in their own process sessions (setsid), so they go on after the call that
+#      skipping the rows DONE already holds: two for llm-awq (46 GiB at most each at the full budget, 35% of the
+#      card each), one for ours and llm-compressor's (25% of the card: our AWQ batches as many alphas per call as
+#      free memory takes, so unbounded it starves the others; llm-compressor needs 25 GiB). A worker that runs
+#      out of memory waits and tries again. The workers start in their own process sessions (setsid), so they go on after the call that
 #      started them returns, for as long as the machine is held; each writes its JSON after every row.
 # Usage (on the GPU machine, from the folder holding bench/, after bench/setup_gpu_machine.sh):
-#   bench/awq_gpu_pool.sh STATE DONE_JSON     # phase 1, then starts phase 2 and returns
+#   bench/awq_gpu_pool.sh STATE DONE_JSON     # phase 1 (SKIP_TIMING=1: none), then starts phase 2 and returns
 #   tail the logs in STATE; later: python bench/awq_quality.py --merge STATE/part-*.json ... (bench/README.md)
 set -uo pipefail
 STATE=${1:?usage: bench/awq_gpu_pool.sh STATE DONE_JSON}; DONE=${2:?}
 HERE=$(cd "$(dirname "$0")" && pwd)
 PY=${PY:-python3}
-OURS=("RTN" "AWQ" "AWQ + clip" "AWQ duo" "GPTQ act order, static groups" "AWQ then GPTQ" "AWQ on quantized inputs")
+OURS=("RTN" "AWQ" "AWQ + clip" "AWQ duo" "GPTQ act order, static groups" "AWQ then GPTQ" "AWQ on quantized inputs"
+      "llm-compressor AWQ" "llm-compressor AWQ (duo)")
 EXTRA=(${AWQ_ARGS:-})  # e.g. AWQ_ARGS='--quick --seeds 0' to try the script on a CPU
 mkdir -p "$STATE/claims"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_NUM_THREADS=2
 
 if [ "${3:-}" = worker ]; then  # one worker of phase 2 (this script calls itself)
-  name=$4; shift 4
+  name=$4; fraction=$5; shift 5
   for bits in "$@"; do
     [ "$name" = L1 ] || [ "$name" = L2 ] && only=("llm-awq (scale + clip)") || only=("${OURS[@]}")
     AWQ_WORKER=$name $PY "$HERE/awq_quality.py" --claims "$STATE/claims" --no-check --done "$DONE" \
+      --memory-fraction "$fraction" \
       --bits "$bits" --only "${only[@]}" --out "$STATE/part-$name-$bits.json" "${EXTRA[@]}"
   done
   exit
 fi
 
-$PY "$HERE/awq_quality.py" --timing-blocks 6 --seeds 0 --bits 4 --out "$STATE/timing.json" "${EXTRA[@]}" \
+[ -n "${SKIP_TIMING:-}" ] || $PY "$HERE/awq_quality.py" --timing-blocks 6 --seeds 0 --bits 4 --out "$STATE/timing.json" "${EXTRA[@]}" \
   --only "AWQ" "AWQ + clip" "AWQ duo" "GPTQ act order, static groups" "AWQ then GPTQ" \
          "llm-compressor AWQ" "llm-awq (scale + clip)" > "$STATE/log-timing.txt" 2>&1
-tail -n 12 "$STATE/log-timing.txt"
-for spec in "L1 4 3" "L2 3 4" "O1 4 3" "O2 3 4"; do
+tail -n 12 "$STATE/log-timing.txt" 2>/dev/null
+for spec in "L1 0.35 4 3" "L2 0.35 3 4" "O1 0.25 3 4"; do
   set -- $spec
   setsid nohup bash "$0" "$STATE" "$DONE" worker "$@" > "$STATE/log-$1.txt" 2>&1 < /dev/null &
   sleep 20  # not every model load at once

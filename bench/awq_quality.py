@@ -210,11 +210,15 @@ def main():
     parser.add_argument('--notes', default=None, help="with --merge: the result's notes")
     parser.add_argument('--timing-blocks', type=int, default=None,
                         help='time each task on this many blocks only (the card to itself), no evaluation')
+    parser.add_argument('--memory-fraction', type=float, default=None,
+                        help="this process's share of the card's memory (torch.cuda.set_per_process_memory_fraction): "
+                             "our AWQ batches as many alphas as free memory takes, which starves the other workers")
     parser.add_argument('--retries', type=int, default=4, help='tries after an out-of-memory error (shared card)')
     parser.add_argument('--quick', action='store_true')
     args = parser.parse_args()
     if args.merge: return merge(Path(args.out), args.merge, args.notes)
     device = default_device()
+    if args.memory_fraction and device.type == 'cuda': torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
     budget = Budget('quick', 4, 64, 256, 128) if args.quick else get_budget('full')
     if args.calib_samples: budget = dataclasses.replace(budget, calib_samples=args.calib_samples)
     q4km = Budget('quick', 0, 0, 256, 128) if args.quick else Q4_K_M
