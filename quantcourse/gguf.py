@@ -8,7 +8,7 @@ Docs: https://quantcourse.github.io/quantcourse/gguf.html.md"""
 
 # %% ../nbs/06_gguf.ipynb #24240b72
 from __future__ import annotations
-import ctypes, math, os, subprocess, tarfile
+import ctypes, math, os, re, subprocess, tarfile
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -20,10 +20,11 @@ from .core import check_tensor, cache_dir, QuantizedLinear, Method, register_met
 # %% auto #0
 __all__ = ['BLOCK_SIZE', 'QK_K', 'BLOCK_BYTES', 'BLOCK_WEIGHTS', 'TYPE_NAMES', 'LEGACY_TYPES',
           'LLAMA_CPP_VERSION', 'QUANTIZERS', 'DEQUANTIZERS', 'IMPORTANCE_QUANTIZERS',
-          'CHUNK_WEIGHTS', 'check_type', 'check_rows', 'to_blocks', 'signed_absmax', 'block_min',
-          'block_max', 'inverse', 'pack_nibbles', 'unpack_nibbles', 'float16_bytes',
-          'float16_values', 'symmetric_codes', 'quantize_q4_0', 'dequantize_q4_0', 'affine_codes',
-          'quantize_q4_1', 'dequantize_q4_1', 'pack_high_bits', 'unpack_high_bits', 'quantize_q5_0',
+          'CHUNK_WEIGHTS', 'GGUF_NAMES', 'GGUF_TOP_NAMES', 'MIX_DEFAULTS', 'MIXES', 'FALLBACKS',
+          'check_type', 'check_rows', 'to_blocks', 'signed_absmax', 'block_min', 'block_max',
+          'inverse', 'pack_nibbles', 'unpack_nibbles', 'float16_bytes', 'float16_values',
+          'symmetric_codes', 'quantize_q4_0', 'dequantize_q4_0', 'affine_codes', 'quantize_q4_1',
+          'dequantize_q4_1', 'pack_high_bits', 'unpack_high_bits', 'quantize_q5_0',
           'dequantize_q5_0', 'quantize_q5_1', 'dequantize_q5_1', 'round_half_away', 'quantize_q8_0',
           'dequantize_q8_0', 'llama_cpp_sdist', 'build_ggml_quants', 'reference_quantize',
           'sequential_sum', 'nearest_int', 'float32_sqrt', 'weighted_error', 'fit_scale_min',
@@ -34,7 +35,9 @@ __all__ = ['BLOCK_SIZE', 'QK_K', 'BLOCK_BYTES', 'BLOCK_WEIGHTS', 'TYPE_NAMES', '
           'refine_pass', 'refine_scale', 'search_q3_codes', 'pack_q3_scales', 'unpack_q3_scales',
           'quantize_q3_k', 'dequantize_q3_k', 'four_bit_codes', 'quantize_q2_k', 'dequantize_q2_k',
           'search_step_codes', 'quantize_q4_k_weighted', 'importance_blocks', 'quantize_bytes',
-          'quantize', 'dequantize', 'GGUFWeight', 'GGUFLinear']
+          'quantize', 'dequantize', 'GGUFWeight', 'GGUFLinear', 'gguf_name', 'llama_tensors',
+          'use_more_bits', 'fits', 'fallback_type', 'chosen_type', 'gguf_mix', 'tensor_bytes',
+          'mix_bits']
 
 # %% ../nbs/06_gguf.ipynb #49d4f81c
 BLOCK_SIZE = 32  # weights per block in every legacy type
@@ -758,3 +761,98 @@ for _type in LEGACY_TYPES:
     register_method(Method(f'gguf_{_type.lower()}', GGUFLinear, dict(type_name=_type), _gguf,
                            doc=f"llama.cpp's {_type} blocks of 32 ({8 * BLOCK_BYTES[_type] / 32} "
                                "bits per weight), byte for byte"))
+
+# %% ../nbs/06_gguf.ipynb #c990519b
+GGUF_NAMES = {'self_attn.q_proj': 'attn_q', 'self_attn.k_proj': 'attn_k',
+              'self_attn.v_proj': 'attn_v', 'self_attn.o_proj': 'attn_output',
+              'mlp.gate_proj': 'ffn_gate', 'mlp.up_proj': 'ffn_up', 'mlp.down_proj': 'ffn_down',
+              'input_layernorm': 'attn_norm', 'post_attention_layernorm': 'ffn_norm'}
+GGUF_TOP_NAMES = {'model.embed_tokens.weight': 'token_embd.weight',
+                  'model.norm.weight': 'output_norm.weight', 'lm_head.weight': 'output.weight'}
+
+def gguf_name(name: str) -> str:
+    "The GGUF name of a transformers Llama parameter, as llama.cpp's converter spells it."
+    if name in GGUF_TOP_NAMES: return GGUF_TOP_NAMES[name]
+    found = re.fullmatch(r'model\.layers\.(\d+)\.(.+)\.weight', name)
+    if not found or found[2] not in GGUF_NAMES:
+        raise ValueError(f"{name!r} is not a parameter of a transformers Llama model")
+    return f'blk.{found[1]}.{GGUF_NAMES[found[2]]}.weight'
+
+# %% ../nbs/06_gguf.ipynb #47fc93b2
+def llama_tensors(config) -> dict[str, tuple]:
+    "GGUF name -> torch shape (rows, columns) of every tensor of a Llama with this config."
+    c = config if isinstance(config, dict) else config.to_dict()
+    h, f, v = c['hidden_size'], c['intermediate_size'], c['vocab_size']
+    head = c.get('head_dim') or h // c['num_attention_heads']
+    q, kv = head * c['num_attention_heads'], head * c['num_key_value_heads']
+    block = dict(attn_norm=(h,), attn_q=(q, h), attn_k=(kv, h), attn_v=(kv, h),
+                 attn_output=(h, q), ffn_gate=(f, h), ffn_up=(f, h), ffn_down=(h, f), ffn_norm=(h,))
+    tensors = {'token_embd.weight': (v, h), 'output_norm.weight': (h,)}
+    if not c.get('tie_word_embeddings'): tensors['output.weight'] = (v, h)
+    for i in range(c['num_hidden_layers']):
+        tensors |= {f'blk.{i}.{role}.weight': shape for role, shape in block.items()}
+    return tensors
+
+# %% ../nbs/06_gguf.ipynb #8b428342
+MIX_DEFAULTS = {'F32': 'F32', 'F16': 'F16', 'Q8_0': 'Q8_0', 'Q4_0': 'Q4_0', 'Q6_K': 'Q6_K',
+                'Q3_K_M': 'Q3_K', 'Q4_K_M': 'Q4_K', 'Q5_K_M': 'Q5_K'}  # file type -> default type
+MIXES = tuple(MIX_DEFAULTS)
+FALLBACKS = {'Q2_K': 'Q4_0', 'Q3_K': 'Q4_0', 'Q4_K': 'Q5_0', 'Q5_K': 'Q5_1', 'Q6_K': 'Q8_0'}
+
+def use_more_bits(layer: int, n_layers: int) -> bool:
+    "Whether llama.cpp gives `layer` more bits: the first and last eighth, every third between."
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+def fits(type_name: str, columns: int) -> bool:
+    "Whether rows of `columns` weights cut into whole blocks of `type_name`."
+    return columns % BLOCK_WEIGHTS.get(type_name, 1) == 0
+
+def fallback_type(type_name: str, columns: int) -> str:
+    "llama.cpp's type for rows of `columns` when `type_name`'s blocks do not cut them."
+    if fits(type_name, columns): return type_name
+    type_name = FALLBACKS.get(type_name, type_name)
+    return type_name if fits(type_name, columns) else 'F16'
+
+# %% ../nbs/06_gguf.ipynb #9521696e
+def chosen_type(name: str, columns: int, mix: str, n_layers: int, tied: bool) -> str:
+    "llama.cpp's type for the 2-D weight `name` under `mix`, before the fallback for its rows."
+    default = MIX_DEFAULTS[mix]
+    if name == 'output.weight' or (tied and name == 'token_embd.weight'):
+        return 'Q8_0' if default == 'Q8_0' or not fits(default, columns) else 'Q6_K'
+    if name == 'token_embd.weight': return default
+    layer = int(name.split('.')[1])  # attn_v's and ffn_down's counters: the layer index
+    more, role = use_more_bits(layer, n_layers), name.split('.')[2]
+    if mix == 'Q3_K_M':
+        if role == 'attn_v': return 'Q5_K' if layer < 2 else 'Q4_K'
+        if role == 'ffn_down': return 'Q5_K' if layer < n_layers // 16 else 'Q4_K'
+        if role == 'attn_output': return 'Q4_K'
+    if mix in ('Q4_K_M', 'Q5_K_M') and role in ('attn_v', 'ffn_down') and more: return 'Q6_K'
+    return default
+
+# %% ../nbs/06_gguf.ipynb #743371a5
+def gguf_mix(tensors: dict, # GGUF name -> torch shape, as `llama_tensors` gives
+             mix: str, # one of `MIXES`: 'Q4_K_M', 'Q8_0', 'F16', ...
+            ) -> dict[str, str]:
+    "GGUF name -> the type llama.cpp's file type `mix` stores that tensor of a Llama in."
+    if mix not in MIX_DEFAULTS: raise ValueError(f"unknown mix {mix!r}; choose one of {MIXES}")
+    n_layers = 1 + max(int(n.split('.')[1]) for n in tensors if n.startswith('blk.'))
+    tied, types = 'output.weight' not in tensors, {}
+    for name, shape in tensors.items():
+        if len(shape) < 2 or name.endswith('_norm.weight'): types[name] = 'F32'
+        elif MIX_DEFAULTS[mix] in ('F32', 'F16'): types[name] = MIX_DEFAULTS[mix]
+        else: types[name] = fallback_type(chosen_type(name, shape[-1], mix, n_layers, tied),
+                                          shape[-1])
+    return types
+
+# %% ../nbs/06_gguf.ipynb #462892e7
+def tensor_bytes(shape, type_name: str) -> int:
+    "Bytes that a tensor of `shape` takes when stored as `type_name`."
+    n = math.prod(shape)
+    if type_name in ('F32', 'F16'): return n * (4 if type_name == 'F32' else 2)
+    return n // BLOCK_WEIGHTS[type_name] * BLOCK_BYTES[type_name]
+
+def mix_bits(tensors: dict, types: dict, names=None) -> float:
+    "Bits per weight of the tensors `names` (default: all) stored as `types` say."
+    names = list(tensors) if names is None else list(names)
+    stored = sum(tensor_bytes(tensors[n], types[n]) for n in names)
+    return 8 * stored / sum(math.prod(tensors[n]) for n in names)

@@ -242,3 +242,39 @@ def test_k_quant_layer(type_name, tmp_path):
     fresh = GGUFLinear.from_config(layer.config()); fresh.load_state_dict(load_file(str(tmp_path / 'l.safetensors')))
     with torch.no_grad(): assert torch.equal(fresh(x), layer(x))
     with pytest.raises(ValueError, match='multiple of 256'): GGUFLinear(576, 8, type_name=type_name)
+
+# llama.cpp's mixes (llama-quant.cpp's llama_tensor_get_type for a dense Llama)
+from quantcourse.gguf import MIXES, gguf_mix, gguf_name, llama_tensors, mix_bits, use_more_bits
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+
+def test_use_more_bits_is_llama_cpp_layer_choice():
+    assert [i for i in range(32) if use_more_bits(i, 32)] == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+
+def test_q4_k_m_on_llama3_8b_shapes():
+    tensors = llama_tensors(LLAMA3_8B)
+    types = gguf_mix(tensors, 'Q4_K_M')
+    more = [i for i in range(32) if use_more_bits(i, 32)]
+    assert [i for i in range(32) if types[f'blk.{i}.attn_v.weight'] == 'Q6_K'] == more
+    assert [i for i in range(32) if types[f'blk.{i}.ffn_down.weight'] == 'Q6_K'] == more
+    assert {types[f'blk.{i}.{r}.weight'] for i in range(32) for r in ('attn_q', 'attn_k', 'attn_output', 'ffn_up', 'ffn_gate')} == {'Q4_K'}
+    assert (types['output.weight'], types['token_embd.weight'], types['output_norm.weight']) == ('Q6_K', 'Q4_K', 'F32')
+    assert abs(mix_bits(tensors, types) - 4.894) < 1e-3
+
+def test_q3_k_m_rules_and_fallbacks_on_the_course_model():
+    model, _ = load_model(device='cpu')
+    tensors = {gguf_name(n): tuple(p.shape) for n, p in model.named_parameters()}
+    q3 = gguf_mix(tensors, 'Q3_K_M')
+    # attn_v: Q5_K in layers 0-1 (-> Q5_1 on rows of 576), Q4_K after (-> Q5_0); ffn_down (rows of 1536): Q5_K in layer 0 (30 // 16 = 1)
+    assert [q3[f'blk.{i}.attn_v.weight'] for i in range(3)] == ['Q5_1', 'Q5_1', 'Q5_0']
+    assert [q3[f'blk.{i}.ffn_down.weight'] for i in range(2)] == ['Q5_K', 'Q4_K']
+    assert q3['blk.4.attn_output.weight'] == 'Q5_0' and q3['blk.4.attn_q.weight'] == 'Q4_0'
+    assert q3['token_embd.weight'] == 'Q8_0'
+    assert {gguf_mix(tensors, 'F16')[n] for n in tensors if 'norm' not in n} == {'F16'}
+    assert gguf_mix(tensors, 'Q4_0')['token_embd.weight'] == 'Q8_0'   # Q6_K for tied embeddings, then its fallback
+
+def test_gguf_mix_refuses_unknown_mix_and_names():
+    with pytest.raises(ValueError, match='unknown mix'): gguf_mix(llama_tensors(LLAMA3_8B), 'Q4_K_XL')
+    with pytest.raises(ValueError, match='not a parameter'): gguf_name('model.layers.0.block_sparse_moe.gate.weight')
+
