@@ -9,13 +9,17 @@ Docs: https://quantcourse.github.io/quantcourse/gguf.html.md"""
 # %% ../nbs/06_gguf.ipynb #24240b72
 from __future__ import annotations
 import ctypes, math, os, re, subprocess, tarfile
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
+import gguf
+from gguf import GGMLQuantizationType
 import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .core import check_tensor, cache_dir, QuantizedLinear, Method, register_method
+from .core import (check_tensor, cache_dir, bundled_gguf, QuantizedLinear, Method,
+                              register_method)
 
 # %% auto #0
 __all__ = ['BLOCK_SIZE', 'QK_K', 'BLOCK_BYTES', 'BLOCK_WEIGHTS', 'TYPE_NAMES', 'LEGACY_TYPES',
@@ -37,7 +41,8 @@ __all__ = ['BLOCK_SIZE', 'QK_K', 'BLOCK_BYTES', 'BLOCK_WEIGHTS', 'TYPE_NAMES', '
           'search_step_codes', 'quantize_q4_k_weighted', 'importance_blocks', 'quantize_bytes',
           'quantize', 'dequantize', 'GGUFWeight', 'GGUFLinear', 'gguf_name', 'llama_tensors',
           'use_more_bits', 'fits', 'fallback_type', 'chosen_type', 'gguf_mix', 'tensor_bytes',
-          'mix_bits']
+          'mix_bits', 'permute_rows', 'stored_array', 'stored_values', 'gguf_tensors',
+          'dequantized_model', 'llama_metadata', 'copy_fields', 'read_gguf', 'write_gguf']
 
 # %% ../nbs/06_gguf.ipynb #49d4f81c
 BLOCK_SIZE = 32  # weights per block in every legacy type
@@ -856,3 +861,85 @@ def mix_bits(tensors: dict, types: dict, names=None) -> float:
     names = list(tensors) if names is None else list(names)
     stored = sum(tensor_bytes(tensors[n], types[n]) for n in names)
     return 8 * stored / sum(math.prod(tensors[n]) for n in names)
+
+# %% ../nbs/06_gguf.ipynb #caa8095c
+def permute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    "A q or k projection's rows in the order llama.cpp's rotary embedding reads (its converter's)."
+    halves = weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+    return halves.transpose(1, 2).reshape(weight.shape)
+
+def stored_array(weight: torch.Tensor, type_name: str) -> np.ndarray:
+    "`weight` as a GGUF file stores it in `type_name`: float32, float16, or the blocks' bytes."
+    if type_name == 'F32': return weight.float().numpy()
+    if type_name == 'F16': return weight.half().numpy()
+    return quantize(weight.float(), type_name)
+
+def stored_values(weight: torch.Tensor, type_name: str) -> torch.Tensor:
+    "The float32 values `weight` has once stored in `type_name` and read back."
+    if type_name in ('F32', 'F16'): return torch.from_numpy(stored_array(weight, type_name)).float()
+    return dequantize(stored_array(weight, type_name), type_name, weight.shape)
+
+# %% ../nbs/06_gguf.ipynb #bede4130
+def gguf_tensors(model, mix: str) -> dict[str, tuple[np.ndarray, str]]:
+    "GGUF name -> (stored array, type) of every tensor of a transformers Llama under `mix`."
+    c, weights = model.config, {gguf_name(n): p.detach().float().cpu()
+                                for n, p in model.named_parameters()}
+    types = gguf_mix({n: tuple(w.shape) for n, w in weights.items()}, mix)
+    for name, w in weights.items():
+        if '.attn_q.' in name: weights[name] = permute_rows(w, c.num_attention_heads)
+        if '.attn_k.' in name: weights[name] = permute_rows(w, c.num_key_value_heads)
+    return {n: (stored_array(w, types[n]), types[n]) for n, w in weights.items()}
+
+def dequantized_model(model, mix: str):
+    "A copy of `model` whose every weight holds the values `mix` stores for it."
+    copy = deepcopy(model)
+    types = gguf_mix({gguf_name(n): tuple(p.shape) for n, p in model.named_parameters()}, mix)
+    with torch.no_grad():
+        for n, p in copy.named_parameters():
+            p.copy_(stored_values(p.detach().float().cpu(), types[gguf_name(n)]))
+    return copy
+
+# %% ../nbs/06_gguf.ipynb #fcabbb7b
+def llama_metadata(config) -> dict:
+    "The `llama.*` keys of a GGUF file, from a transformers Llama config."
+    c = config.to_dict()
+    head = c.get('head_dim') or c['hidden_size'] // c['num_attention_heads']
+    return {'block_count': c['num_hidden_layers'], 'context_length': c['max_position_embeddings'],
+            'embedding_length': c['hidden_size'], 'feed_forward_length': c['intermediate_size'],
+            'attention.head_count': c['num_attention_heads'], 'vocab_size': c['vocab_size'],
+            'attention.head_count_kv': c['num_key_value_heads'], 'rope.dimension_count': head,
+            'rope.freq_base': float(c.get('rope_theta') or c['rope_parameters']['rope_theta']),
+            'attention.layer_norm_rms_epsilon': float(c['rms_norm_eps'])}
+
+def copy_fields(reader, writer, prefixes=('general.', 'tokenizer.'),
+                skip=('general.architecture', 'general.file_type', 'general.quantization_version')):
+    "Copy the key-value fields of `reader` under `prefixes` (tokenizer, names) into `writer`."
+    for key, field in reader.fields.items():
+        if not key.startswith(prefixes) or key in skip: continue
+        array = field.types[0] == gguf.GGUFValueType.ARRAY
+        writer.add_key_value(key, field.contents(), field.types[0],
+                             sub_type=field.types[-1] if array else None)
+
+# %% ../nbs/06_gguf.ipynb #61b30d12
+def read_gguf(path) -> gguf.GGUFReader:
+    "`gguf`'s reader of the file at `path`; an error naming the file if it does not parse."
+    try: return gguf.GGUFReader(path)
+    except Exception as e:
+        raise ValueError(f"{path} is not a GGUF file that parses ({type(e).__name__}: {e})") from e
+
+def write_gguf(model, path, mix: str = 'Q8_0', metadata_from=None) -> Path:
+    "Write a transformers Llama as a GGUF file of `mix`, with the tokenizer of the bundled GGUF."
+    path, tensors = Path(path), gguf_tensors(model, mix)
+    writer = gguf.GGUFWriter(path, arch='llama')
+    for key, value in llama_metadata(model.config).items():
+        writer.add_key_value(f'llama.{key}', value, gguf.GGUFValueType.FLOAT32
+                             if isinstance(value, float) else gguf.GGUFValueType.UINT32)
+    copy_fields(read_gguf(metadata_from or bundled_gguf()), writer)
+    file_type = 'ALL_F32' if mix == 'F32' else f'MOSTLY_{mix}'
+    writer.add_file_type(gguf.LlamaFileType[file_type]); writer.add_quantization_version(2)
+    for name, (array, type_name) in tensors.items():
+        raw = None if type_name in ('F32', 'F16') else GGMLQuantizationType[type_name]
+        writer.add_tensor(name, array, raw_dtype=raw)
+    writer.write_header_to_file(); writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(); writer.close()
+    return path

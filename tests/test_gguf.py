@@ -278,3 +278,36 @@ def test_gguf_mix_refuses_unknown_mix_and_names():
     with pytest.raises(ValueError, match='unknown mix'): gguf_mix(llama_tensors(LLAMA3_8B), 'Q4_K_XL')
     with pytest.raises(ValueError, match='not a parameter'): gguf_name('model.layers.0.block_sparse_moe.gate.weight')
 
+# GGUF files: written through gguf's GGUFWriter, read back by gguf and by transformers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from quantcourse.gguf import dequantized_model, permute_rows, read_gguf, write_gguf
+
+@pytest.fixture(scope='module')
+def tiny_llama():
+    "A random Llama with the course tokenizer's vocabulary, rows of 64 (k-quants fall back) and 256 (ffn_down keeps them)."
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+@pytest.mark.parametrize('mix', ['F16', 'Q4_K_M'])
+def test_transformers_reads_our_file_as_our_dequantized_model(tiny_llama, tmp_path, mix):
+    path = write_gguf(tiny_llama, tmp_path/f'tiny-{mix}.gguf', mix)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    ours = dequantized_model(tiny_llama, mix)
+    ids = torch.tensor([[1, 504, 3100, 281, 9, 42, 17000, 2]])
+    with torch.no_grad(): assert torch.equal(theirs(ids).logits, ours(ids).logits)   # tolerance zero
+    types = {t.name: t.tensor_type.name for t in read_gguf(path).tensors}
+    # four layers: use_more_bits holds for layers 2 and 3 (4 // 8 = 0, 7 * 4 // 8 = 3, (2 - 0) % 3 == 2)
+    assert [types[f'blk.{i}.ffn_down.weight'] for i in range(4)] == (['F16'] * 4 if mix == 'F16' else ['Q4_K', 'Q4_K', 'Q6_K', 'Q6_K'])
+    assert types['blk.1.attn_q.weight'] == ('F16' if mix == 'F16' else 'Q5_0')
+
+def test_permute_rows_is_what_transformers_undoes():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+    w = torch.randn(192, 64)
+    back = LlamaTensorProcessor(config={})._reverse_permute_weights(permute_rows(w, 3).numpy(), 3, 3)
+    assert np.array_equal(back, w.numpy())
+
+def test_a_file_that_does_not_parse_is_named(tmp_path):
+    (tmp_path/'junk.gguf').write_bytes(b'GGUF' + bytes(20))
+    with pytest.raises(ValueError, match='junk.gguf is not a GGUF file'): read_gguf(tmp_path/'junk.gguf')
