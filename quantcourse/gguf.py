@@ -8,7 +8,7 @@ Docs: https://quantcourse.github.io/quantcourse/gguf.html.md"""
 
 # %% ../nbs/06_gguf.ipynb #24240b72
 from __future__ import annotations
-import ctypes, math, os, re, subprocess, tarfile
+import ctypes, math, os, re, subprocess, sys, tarfile
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +25,10 @@ from .core import (check_tensor, cache_dir, bundled_gguf, QuantizedLinear, Metho
 __all__ = ['BLOCK_SIZE', 'QK_K', 'BLOCK_BYTES', 'BLOCK_WEIGHTS', 'TYPE_NAMES', 'LEGACY_TYPES',
           'LLAMA_CPP_VERSION', 'QUANTIZERS', 'DEQUANTIZERS', 'IMPORTANCE_QUANTIZERS',
           'CHUNK_WEIGHTS', 'GGUF_NAMES', 'GGUF_TOP_NAMES', 'MIX_DEFAULTS', 'MIXES', 'FALLBACKS',
-          'check_type', 'check_rows', 'to_blocks', 'signed_absmax', 'block_min', 'block_max',
-          'inverse', 'pack_nibbles', 'unpack_nibbles', 'float16_bytes', 'float16_values',
-          'symmetric_codes', 'quantize_q4_0', 'dequantize_q4_0', 'affine_codes', 'quantize_q4_1',
-          'dequantize_q4_1', 'pack_high_bits', 'unpack_high_bits', 'quantize_q5_0',
+          'LLAMA_CMAKE_ARGS', 'check_type', 'check_rows', 'to_blocks', 'signed_absmax', 'block_min',
+          'block_max', 'inverse', 'pack_nibbles', 'unpack_nibbles', 'float16_bytes',
+          'float16_values', 'symmetric_codes', 'quantize_q4_0', 'dequantize_q4_0', 'affine_codes',
+          'quantize_q4_1', 'dequantize_q4_1', 'pack_high_bits', 'unpack_high_bits', 'quantize_q5_0',
           'dequantize_q5_0', 'quantize_q5_1', 'dequantize_q5_1', 'round_half_away', 'quantize_q8_0',
           'dequantize_q8_0', 'llama_cpp_sdist', 'build_ggml_quants', 'reference_quantize',
           'sequential_sum', 'nearest_int', 'float32_sqrt', 'weighted_error', 'fit_scale_min',
@@ -42,7 +42,9 @@ __all__ = ['BLOCK_SIZE', 'QK_K', 'BLOCK_BYTES', 'BLOCK_WEIGHTS', 'TYPE_NAMES', '
           'quantize', 'dequantize', 'GGUFWeight', 'GGUFLinear', 'gguf_name', 'llama_tensors',
           'use_more_bits', 'fits', 'fallback_type', 'chosen_type', 'gguf_mix', 'tensor_bytes',
           'mix_bits', 'permute_rows', 'stored_array', 'stored_values', 'gguf_tensors',
-          'dequantized_model', 'llama_metadata', 'copy_fields', 'read_gguf', 'write_gguf']
+          'dequantized_model', 'llama_metadata', 'copy_fields', 'read_gguf', 'write_gguf',
+          'llama_cpp_folder', 'build_llama_cpp', 'import_llama_cpp', 'llama_logits', 'llama_greedy',
+          'llama_quantize', 'greedy_ids']
 
 # %% ../nbs/06_gguf.ipynb #49d4f81c
 BLOCK_SIZE = 32  # weights per block in every legacy type
@@ -943,3 +945,71 @@ def write_gguf(model, path, mix: str = 'Q8_0', metadata_from=None) -> Path:
     writer.write_header_to_file(); writer.write_kv_data_to_file()
     writer.write_tensors_to_file(); writer.close()
     return path
+
+# %% ../nbs/06_gguf.ipynb #47793757
+# the library only (no tools, tests or server), compiled for this CPU
+LLAMA_CMAKE_ARGS = ('-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF '
+                    '-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF')
+
+def llama_cpp_folder() -> Path:
+    "Where the cached build of llama-cpp-python lives (a `pip install --target` folder)."
+    return cache_dir()/f'llama-cpp-python-{LLAMA_CPP_VERSION}'
+
+def build_llama_cpp(sdist: Path|None = None) -> Path:
+    "Build all of llama-cpp-python from its sdist into the cache, once (minutes); its folder."
+    folder = llama_cpp_folder()
+    if (folder/'llama_cpp'/'__init__.py').exists(): return folder
+    partial = folder.with_name(f'{folder.name}-partial-{os.getpid()}')
+    env = os.environ | {'CMAKE_ARGS': os.environ.get('CMAKE_ARGS', LLAMA_CMAKE_ARGS),
+                        'CMAKE_BUILD_PARALLEL_LEVEL': str(os.cpu_count() or 1)}
+    packages = [str(sdist or llama_cpp_sdist()), 'diskcache']
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--target',
+                    str(partial), *packages], check=True, env=env)
+    partial.replace(folder)
+    return folder
+
+_QUIET = None  # the log callback that drops llama.cpp's messages
+
+def import_llama_cpp():
+    "The `llama_cpp` module of the cached build (put on `sys.path`), or an error naming the fix."
+    folder = llama_cpp_folder()
+    if not (folder/'llama_cpp'/'__init__.py').exists():
+        raise ModuleNotFoundError(f"llama-cpp-python is not built in {folder}; run `make llama-cpp`"
+                                  " or `quantcourse.gguf.build_llama_cpp()` (minutes, once)")
+    if str(folder) not in sys.path: sys.path.append(str(folder))
+    import llama_cpp
+    global _QUIET  # llama.cpp logs every tensor it loads or quantizes: keep it quiet, once
+    if _QUIET is None:
+        _QUIET = llama_cpp.llama_log_callback(lambda level, text, data: None)
+        llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p(0))
+    return llama_cpp
+
+# %% ../nbs/06_gguf.ipynb #cd84c473
+def llama_logits(llm, ids) -> torch.Tensor:
+    "llama.cpp's float32 logits (tokens, vocabulary) for the token ids `ids`, from a fresh context."
+    llm.reset(); llm.eval(list(ids))
+    return torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
+
+def llama_greedy(llm, ids, n_tokens: int) -> list[int]:
+    "The `n_tokens` ids llama.cpp generates after `ids`, always taking the most likely next token."
+    llm.reset(); out = []
+    for token in llm.generate(list(ids), temp=0.0, reset=True):
+        out.append(token)
+        if len(out) == n_tokens: return out
+    return out
+
+def llama_quantize(source, target, mix: str, threads: int = 2) -> Path:
+    "Quantize the GGUF file `source` to `target` with llama.cpp's own `llama_model_quantize`."
+    llama_cpp = import_llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = int(gguf.LlamaFileType[f'MOSTLY_{mix}']), threads
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    if status != 0: raise RuntimeError(f"llama_model_quantize({source}, {mix}) returned {status}")
+    return Path(target)
+
+def greedy_ids(model, ids, n_tokens: int) -> list[int]:
+    "The `n_tokens` ids a transformers model generates after `ids`, always the most likely one."
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(n_tokens): out.append(int(model(torch.tensor([out])).logits[0, -1].argmax()))
+    return out[len(ids):]

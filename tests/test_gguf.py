@@ -311,3 +311,40 @@ def test_permute_rows_is_what_transformers_undoes():
 def test_a_file_that_does_not_parse_is_named(tmp_path):
     (tmp_path/'junk.gguf').write_bytes(b'GGUF' + bytes(20))
     with pytest.raises(ValueError, match='junk.gguf is not a GGUF file'): read_gguf(tmp_path/'junk.gguf')
+
+# llama.cpp itself (the cached build of llama-cpp-python that `make llama-cpp` makes) runs our files
+from quantcourse.gguf import greedy_ids, import_llama_cpp, llama_cpp_folder, llama_greedy, llama_logits, llama_quantize
+
+def llama_cpp_or_skip():
+    try: return import_llama_cpp()
+    except ModuleNotFoundError as e: pytest.skip(f"llama-cpp-python is not built in {llama_cpp_folder()} (`make llama-cpp` builds it): {e}")
+
+@pytest.fixture(scope='module')
+def tiny_files(tiny_llama, tmp_path_factory):
+    folder = tmp_path_factory.mktemp('tiny-gguf')
+    return {mix: write_gguf(tiny_llama, folder/f'tiny-{mix}.gguf', mix) for mix in ('F32', 'Q4_K_M')}
+
+def test_llama_model_quantize_gives_our_q4_k_m_bytes(tiny_files, tmp_path):
+    llama_cpp_or_skip()
+    theirs = read_gguf(llama_quantize(tiny_files['F32'], tmp_path/'llama-Q4_K_M.gguf', 'Q4_K_M'))
+    ours = {t.name: t for t in read_gguf(tiny_files['Q4_K_M']).tensors}
+    assert sorted(ours) == sorted(t.name for t in theirs.tensors)
+    for t in theirs.tensors:
+        assert (t.tensor_type, t.data.tobytes()) == (ours[t.name].tensor_type, ours[t.name].data.tobytes()), t.name
+
+def test_llama_cpp_computes_our_dequantized_model(tiny_llama, tiny_files):
+    """F32: llama.cpp's logits within 1e-4 of ours (float32 key-value cache) and the same greedy tokens; Q4_K_M: its
+    8-bit rounding of activations moves them by less than half of what the 4-bit weights themselves move them."""
+    llama_cpp = llama_cpp_or_skip()
+    ids = [1, 504, 3100, 281, 9, 42, 17000, 2, 77, 300]
+    with torch.no_grad(): float_logits = tiny_llama(torch.tensor([ids])).logits[0]
+    for mix in ('F32', 'Q4_K_M'):
+        llm = llama_cpp.Llama(model_path=str(tiny_files[mix]), n_ctx=64, logits_all=True, n_threads=1,
+                              type_k=0, type_v=0, verbose=False)
+        ours = dequantized_model(tiny_llama, mix)
+        with torch.no_grad(): expected = ours(torch.tensor([ids])).logits[0]
+        gap = (llama_logits(llm, ids) - expected).abs()
+        if mix == 'F32':
+            assert gap.max() < 1e-4
+            assert llama_greedy(llm, ids, 8) == greedy_ids(ours, ids, 8)
+        else: assert gap.mean() < (expected - float_logits).abs().mean() / 2
