@@ -33,11 +33,12 @@ __all__ = ['BLOCK_SIZE', 'QK_K', 'BLOCK_BYTES', 'BLOCK_WEIGHTS', 'TYPE_NAMES', '
           'dequantize_q8_0', 'llama_cpp_sdist', 'build_ggml_quants', 'reference_quantize',
           'sequential_sum', 'nearest_int', 'float32_sqrt', 'weighted_error', 'fit_scale_min',
           'trial_steps', 'search_scale_min', 'six_bit_codes', 'pack_six_bit', 'unpack_six_bit',
-          'refit_codes', 'fit_super_blocks', 'quantize_q4_k', 'dequantize_q4_k', 'high_bit_mask',
-          'unpack_high_bit_mask', 'quantize_q5_k', 'dequantize_q5_k', 'search_symmetric_scale',
-          'pack_two_bit', 'unpack_two_bit', 'pack_q6_codes', 'quantize_q6_k', 'dequantize_q6_k',
-          'refine_pass', 'refine_scale', 'search_q3_codes', 'pack_q3_scales', 'unpack_q3_scales',
-          'quantize_q3_k', 'dequantize_q3_k', 'four_bit_codes', 'quantize_q2_k', 'dequantize_q2_k',
+          'refit_codes', 'fit_super_blocks', 'quantize_q4_k', 'sub_block_steps',
+          'unpack_low_nibbles', 'dequantize_q4_k', 'high_bit_mask', 'unpack_high_bit_mask',
+          'quantize_q5_k', 'dequantize_q5_k', 'search_symmetric_scale', 'pack_two_bit',
+          'unpack_two_bit', 'pack_q6_codes', 'quantize_q6_k', 'dequantize_q6_k', 'refine_pass',
+          'refine_scale', 'search_q3_codes', 'pack_q3_scales', 'unpack_q3_scales', 'quantize_q3_k',
+          'dequantize_q3_k', 'four_bit_codes', 'quantize_q2_k', 'dequantize_q2_k',
           'search_step_codes', 'quantize_q4_k_weighted', 'importance_blocks', 'quantize_bytes',
           'quantize', 'dequantize', 'GGUFWeight', 'GGUFLinear', 'gguf_name', 'llama_tensors',
           'use_more_bits', 'fits', 'fallback_type', 'chosen_type', 'gguf_mix', 'tensor_bytes',
@@ -396,13 +397,20 @@ def quantize_q4_k(blocks: torch.Tensor) -> torch.Tensor:
     header, codes = fit_super_blocks(blocks)
     return torch.cat([header, (codes[:, 0::2] | codes[:, 1::2] << 4).reshape(-1, 128)], dim=1)
 
+def sub_block_steps(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "(n, 8) steps `d*sc_j` and shifts `dmin*m_j` from the 16-byte header of Q4_K/Q5_K super-blocks."
+    sc, m = unpack_six_bit(data[:, 4:16])
+    return float16_values(data[:, :2]) * sc.float(), float16_values(data[:, 2:4]) * m.float()
+
+def unpack_low_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
+    "(n, 8, 32) uint8 codes from (n, 128) bytes: sub-block 2i in low nibbles, 2i+1 in high."
+    nibbles = nibbles.reshape(-1, 4, 32)
+    return torch.stack([nibbles & 15, nibbles >> 4], dim=2).reshape(-1, 8, 32)
+
 def dequantize_q4_k(data: torch.Tensor) -> torch.Tensor:
     "(n, 256) float32 weights `d*sc_j * q - dmin*m_j` from (n, 144) Q4_K super-blocks."
-    sc, m = unpack_six_bit(data[:, 4:16])
-    step = float16_values(data[:, :2]) * sc.float()
-    shift = float16_values(data[:, 2:4]) * m.float()
-    nibbles = data[:, 16:].reshape(-1, 4, 32)
-    codes = torch.stack([nibbles & 15, nibbles >> 4], dim=2).reshape(-1, 8, 32).float()
+    step, shift = sub_block_steps(data)
+    codes = unpack_low_nibbles(data[:, 16:]).float()
     return (step[..., None] * codes - shift[..., None]).reshape(-1, QK_K)
 
 # %% ../nbs/06_gguf.ipynb #f1dc92a8
@@ -426,12 +434,8 @@ def quantize_q5_k(blocks: torch.Tensor) -> torch.Tensor:
 
 def dequantize_q5_k(data: torch.Tensor) -> torch.Tensor:
     "(n, 256) float32 weights `d*sc_j * q - dmin*m_j` from (n, 176) Q5_K super-blocks."
-    sc, m = unpack_six_bit(data[:, 4:16])
-    step = float16_values(data[:, :2]) * sc.float()
-    shift = float16_values(data[:, 2:4]) * m.float()
-    nibbles = data[:, 48:].reshape(-1, 4, 32)
-    low = torch.stack([nibbles & 15, nibbles >> 4], dim=2).reshape(-1, 8, 32)
-    codes = (low | unpack_high_bit_mask(data[:, 16:48]) << 4).float()
+    step, shift = sub_block_steps(data)
+    codes = (unpack_low_nibbles(data[:, 48:]) | unpack_high_bit_mask(data[:, 16:48]) << 4).float()
     return (step[..., None] * codes - shift[..., None]).reshape(-1, QK_K)
 
 # %% ../nbs/06_gguf.ipynb #aa3b6a38
