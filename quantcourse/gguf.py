@@ -8,7 +8,8 @@ Docs: https://quantcourse.github.io/quantcourse/gguf.html.md"""
 
 # %% ../nbs/06_gguf.ipynb #24240b72
 from __future__ import annotations
-import ctypes, math, os, re, subprocess, sys, tarfile
+import atexit, ctypes, math, os, re, subprocess, sys, tarfile
+from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +45,8 @@ __all__ = ['BLOCK_SIZE', 'QK_K', 'BLOCK_BYTES', 'BLOCK_WEIGHTS', 'TYPE_NAMES', '
           'use_more_bits', 'fits', 'fallback_type', 'chosen_type', 'gguf_mix', 'tensor_bytes',
           'mix_bits', 'permute_rows', 'stored_array', 'stored_values', 'gguf_tensors',
           'dequantized_model', 'llama_metadata', 'copy_fields', 'read_gguf', 'write_gguf',
-          'llama_cpp_folder', 'build_llama_cpp', 'import_llama_cpp', 'llama_logits', 'llama_greedy',
-          'llama_quantize', 'greedy_ids']
+          'llama_cpp_folder', 'build_llama_cpp', 'import_llama_cpp', 'open_llama', 'llama_logits',
+          'llama_greedy', 'llama_quantize', 'greedy_ids']
 
 # %% ../nbs/06_gguf.ipynb #49d4f81c
 BLOCK_SIZE = 32  # weights per block in every legacy type
@@ -986,7 +987,18 @@ def import_llama_cpp():
     if _QUIET is None:
         _QUIET = llama_cpp.llama_log_callback(lambda level, text, data: None)
         llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p(0))
+        # a model still open at exit logs as it is freed, after Python has begun to tear down
+        # `_QUIET`: give llama.cpp back its own C logger first
+        atexit.register(llama_cpp.llama_log_set, llama_cpp.llama_log_callback(), None)  # NULL
     return llama_cpp
+
+@contextmanager
+def open_llama(path, **kwargs):
+    "A `llama_cpp.Llama` of the GGUF file at `path`, closed (its memory freed) when the block ends."
+    llm = import_llama_cpp().Llama(model_path=str(path), **{'verbose': False} | kwargs)
+    try: yield llm
+    finally: llm.close()
+
 
 # %% ../nbs/06_gguf.ipynb #cd84c473
 def llama_logits(llm, ids) -> torch.Tensor:

@@ -313,7 +313,7 @@ def test_a_file_that_does_not_parse_is_named(tmp_path):
     with pytest.raises(ValueError, match='junk.gguf is not a GGUF file'): read_gguf(tmp_path/'junk.gguf')
 
 # llama.cpp itself (the cached build of llama-cpp-python that `make llama-cpp` makes) runs our files
-from quantcourse.gguf import greedy_ids, import_llama_cpp, llama_cpp_folder, llama_greedy, llama_logits, llama_quantize
+from quantcourse.gguf import greedy_ids, import_llama_cpp, llama_cpp_folder, llama_greedy, llama_logits, llama_quantize, open_llama
 
 def llama_cpp_or_skip():
     try: return import_llama_cpp()
@@ -335,16 +335,21 @@ def test_llama_model_quantize_gives_our_q4_k_m_bytes(tiny_files, tmp_path):
 def test_llama_cpp_computes_our_dequantized_model(tiny_llama, tiny_files):
     """F32: llama.cpp's logits within 1e-4 of ours (float32 key-value cache) and the same greedy tokens; Q4_K_M: its
     8-bit rounding of activations moves them by less than half of what the 4-bit weights themselves move them."""
-    llama_cpp = llama_cpp_or_skip()
+    llama_cpp_or_skip()
     ids = [1, 504, 3100, 281, 9, 42, 17000, 2, 77, 300]
     with torch.no_grad(): float_logits = tiny_llama(torch.tensor([ids])).logits[0]
     for mix in ('F32', 'Q4_K_M'):
-        llm = llama_cpp.Llama(model_path=str(tiny_files[mix]), n_ctx=64, logits_all=True, n_threads=1,
-                              type_k=0, type_v=0, verbose=False)
         ours = dequantized_model(tiny_llama, mix)
         with torch.no_grad(): expected = ours(torch.tensor([ids])).logits[0]
-        gap = (llama_logits(llm, ids) - expected).abs()
+        with open_llama(tiny_files[mix], n_ctx=64, logits_all=True, n_threads=1, type_k=0, type_v=0) as llm:
+            gap = (llama_logits(llm, ids) - expected).abs()
+            same_greedy = llama_greedy(llm, ids, 8) == greedy_ids(ours, ids, 8)
         if mix == 'F32':
             assert gap.max() < 1e-4
-            assert llama_greedy(llm, ids, 8) == greedy_ids(ours, ids, 8)
+            assert same_greedy
         else: assert gap.mean() < (expected - float_logits).abs().mean() / 2
+
+def test_open_llama_closes_the_model_when_the_block_ends(tiny_files):
+    llama_cpp_or_skip()
+    with open_llama(tiny_files['F32'], n_ctx=64, n_threads=1) as llm: assert llm.n_vocab() > 0
+    assert llm._model.model is None  # llama_model_free has run
