@@ -168,11 +168,14 @@ def _quantize_block(block, inside: list[str], spec, settings: dict, full_name, r
                 base = METHODS[spec.baseline]
                 baseline = base.quantize(reference, None, **_accepted(base.quantize, settings))
                 row[f'{base.name}_error'] = _relative_error(reference, baseline, x)
-        rows.append(row); _set_module(block, name, layer)
+        rows.append(row)
+        # sequential: the rest of the pass runs it; else the pass stays float, swapped in after it
+        if hidden is None or spec.sequential: _set_module(block, name, layer)
+        else: pending[name] = layer
     if hidden is None:
         for name in inside: make(name, None, None)
         return None
-    handles = []
+    handles, pending = [], {}
     for group in groups or linear_groups(block, hidden, kwargs):
         members = [n for n in group.names if n in inside]
         if not members: continue
@@ -188,9 +191,11 @@ def _quantize_block(block, inside: list[str], spec, settings: dict, full_name, r
                     else output)
         first = block.get_submodule(group.names[0])
         handles += [first.register_forward_pre_hook(before), first.register_forward_hook(after)]
-    try: return run_block(block, hidden, kwargs)
+    try: output = run_block(block, hidden, kwargs)
     finally:
         for h in handles: h.remove()
+    for name, layer in pending.items(): _set_module(block, name, layer)
+    return output
 
 # %% ../nbs/20_api.ipynb #cf913bbc
 @torch.no_grad()

@@ -83,6 +83,31 @@ def test_a_failure_half_way_leaves_the_model_as_it_was():
             assert same_state(before, state(model)) and not any(isinstance(m, QuantizedLinear) for m in model.modules())
     finally: del METHODS['fails_late']
 
+@pytest.mark.parametrize('sequential', [True, False])
+def test_each_layer_sees_the_float_inputs_unless_sequential(sequential):
+    """sequential=False: every layer is calibrated on what the float model feeds it, all of a block's layers
+    included (none quantized mid-pass); sequential=True: on what the quantized layers before it compute."""
+    seen = []
+    def rtn_recording(linear, statistics, bits, group_size, symmetric):
+        seen.append(statistics.clone())
+        return QuantLinear.from_linear(linear, 2, group_size, symmetric)
+    register_method(Method('recording', QuantLinear, METHODS['rtn'].defaults, rtn_recording, needs_calibration=True,
+                           sequential=sequential))
+    try:
+        model, float_model = tiny_llama(), tiny_llama()
+        float_inputs = {}
+        hooks = [m.register_forward_pre_hook(lambda m, args, n=n: float_inputs.__setitem__(n, args[0].clone()))
+                 for n, m in float_model.named_modules() if isinstance(m, nn.Linear) and n != 'lm_head']
+        with torch.no_grad(): float_model(TOKENS)
+        for h in hooks: h.remove()
+        report = quantize_model(model, 'recording', calibration=TOKENS, progress=False)
+    finally: del METHODS['recording']
+    names = [row['layer'] for row in report.rows]
+    gaps = {n: (x - float_inputs[n]).abs().max().item() for n, x in zip(names, seen)}
+    assert [gaps[f'model.layers.0.self_attn.{p}_proj'] for p in 'qkv'] == [0, 0, 0]
+    if sequential: assert max(gaps.values()) > 1e-3
+    else: assert max(gaps.values()) < 1e-5, gaps
+
 def test_smoothquant_failure_leaves_the_norms_as_they_were():
     "SmoothQuant changes norms before it quantizes: on a failure in a later block they are the original ones."
     model = tiny_llama(); before = state(model)
