@@ -4,7 +4,8 @@
 #      course model at the full budget, one after another (--timing-blocks), after the float32 correctness check;
 #   2. quality, several workers sharing the card, each taking the next row no other has taken (--claims) and
 #      skipping the rows DONE already holds: two for llm-awq (46 GiB at most each at the full budget, 35% of the
-#      card each), one for ours and llm-compressor's (25% of the card: our AWQ batches as many alphas per call as
+#      card each; they go on with ours when no llm-awq row is left), one for ours and llm-compressor's
+#      (25% of the card: our AWQ batches as many alphas per call as
 #      free memory takes, so unbounded it starves the others; llm-compressor needs 25 GiB). A worker that runs
 #      out of memory waits and tries again. The workers start in their own process sessions (setsid), so they go on after the call that
 #      started them returns, for as long as the machine is held; each writes its JSON after every row.
@@ -23,11 +24,16 @@ export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True OMP_NUM_THREADS=2
 
 if [ "${3:-}" = worker ]; then  # one worker of phase 2 (this script calls itself)
   name=$4; fraction=$5; shift 5
-  for bits in "$@"; do
-    [ "$name" = L1 ] || [ "$name" = L2 ] && only=("llm-awq (scale + clip)") || only=("${OURS[@]}")
-    AWQ_WORKER=$name $PY "$HERE/awq_quality.py" --claims "$STATE/claims" --no-check --done "$DONE" \
-      --memory-fraction "$fraction" \
-      --bits "$bits" --only "${only[@]}" --out "$STATE/part-$name-$bits.json" "${EXTRA[@]}"
+  check=--no-check; [ "$name" = O1 ] && check=--check  # one worker runs the float32 correctness check first
+  passes=(ours); [ "$name" = O1 ] || passes=(llm-awq ours)  # the llm-awq workers go on with ours when done
+  for pass in "${passes[@]}"; do
+    [ "$pass" = llm-awq ] && only=("llm-awq (scale + clip)") || only=("${OURS[@]}")
+    for bits in "$@"; do
+      AWQ_WORKER=$name $PY "$HERE/awq_quality.py" --claims "$STATE/claims" $check --done "$DONE" \
+        --memory-fraction "$fraction" --bits "$bits" --only "${only[@]}" \
+        --out "$STATE/part-$name-$pass-$bits.json" "${EXTRA[@]}"
+      check=--no-check
+    done
   done
   exit
 fi
