@@ -39,13 +39,15 @@ execute: setup
 	$(BIN)/nbdev-clean
 	$(PY) tools/make_readme.py
 
-# llama.cpp's C quantizers (chapter 06's reference): its source from PyPI's llama-cpp-python sdist, fetched
-# once into the cache and compiled there (a few seconds); a second run finds both
+# llama.cpp (chapter 06's reference): its source from PyPI's llama-cpp-python sdist, fetched once into the
+# cache; its C quantizers compiled alone there (seconds), and all of llama-cpp-python built from the same
+# sdist into a `pip install --target` folder of the cache (CPU; minutes, once); a second run finds all three
 LLAMA_CPP := $(shell grep -o "^LLAMA_CPP_VERSION = '[0-9.]*'" quantcourse/gguf.py | grep -o "[0-9.]*[0-9]")
 llama-cpp: $(STAMP)
 	test -f $(QUANTCOURSE_CACHE)/llama_cpp_python-$(LLAMA_CPP).tar.gz || \
 	  $(PY) -m pip download -q --no-deps --no-binary :all: -d $(QUANTCOURSE_CACHE) llama-cpp-python==$(LLAMA_CPP)
 	$(PY) -c "from quantcourse.gguf import build_ggml_quants; print('llama.cpp quantizers:', build_ggml_quants())"
+	$(PY) -c "from quantcourse.gguf import build_llama_cpp; print('llama-cpp-python:', build_llama_cpp())"
 
 docs: $(STAMP)
 	$(PY) tools/render_site.py

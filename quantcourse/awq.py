@@ -9,6 +9,7 @@ Docs: https://quantcourse.github.io/quantcourse/awq.html.md"""
 # %% ../nbs/05_awq.ipynb #b93c513c
 from __future__ import annotations
 import math, warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 import torch
 from torch import nn
@@ -17,12 +18,13 @@ from .core import (linear_names, linear_groups, decoder_blocks, block_inputs, ru
                               QuantizedLinear, Method, METHODS, register_method)
 from .scales import fake_quantize, check_bits, check_group_size, QuantLinear
 from .outliers import fold_input_factors
-from .gptq import Hessian
+from . import gptq  # registers 'gptq', which 'awq_gptq' builds on
 
 # %% auto #0
 __all__ = ['CLIP_SKIPPED', 'AWQ_SETTINGS', 'channel_means', 'activation_means', 'awq_scales',
           'weight_means', 'ScaleGroup', 'scale_groups', 'fold_group', 'Replay', 'record_block',
-          'grid_losses', 'search_scale', 'search_clip', 'apply_clip', 'awq_block', 'awq_model']
+          'onednn_linear', 'onednn_linears', 'input_gram', 'gram_losses', 'grid_losses',
+          'search_scale', 'search_clip', 'apply_clip', 'awq_block', 'awq_model']
 
 # %% ../nbs/05_awq.ipynb #dfec5ea2
 def channel_means(x: torch.Tensor, # a layer's inputs, (..., in_features)
@@ -171,12 +173,45 @@ def record_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict,
                              "finite activations (look at the model's dtype or the layers before)")
     return inputs, calls
 
+# %% ../nbs/05_awq.ipynb #ad910b15
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor|None = None
+                 ) -> torch.Tensor:
+    "`F.linear(x, weight, bias)`, by oneDNN's kernel for float32 CPU tensors without gradient."
+    tensors = [x, weight] + ([] if bias is None else [bias])
+    if (_ONEDNN and not torch.is_grad_enabled()
+            and all(t.device.type == 'cpu' and t.dtype == torch.float32 for t in tensors)):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
+    return nn.functional.linear(x, weight, bias)
+
+@contextmanager
+def onednn_linears(module: nn.Module):
+    "Inside the `with`: every `nn.Linear` of `module` computes by `onednn_linear`."
+    linears = [m for m in module.modules() if type(m) is nn.Linear and 'forward' not in vars(m)]
+    for m in linears: m.forward = lambda x, m=m: onednn_linear(x, m.weight, m.bias)
+    try: yield module
+    finally:
+        for m in linears: del m.forward
+
 # %% ../nbs/05_awq.ipynb #453562ec
 def _alpha_batch(tokens: int, width: int, alphas: int, device) -> int:
     "Alphas per call: on a GPU as many as fit in 1/4 of free memory; on a CPU one (it is faster)."
     if torch.device(device).type != 'cuda': return 1
     room = torch.cuda.mem_get_info(device)[0] / 4
     return max(1, min(alphas, int(room // (16 * tokens * width))))
+
+def input_gram(x: torch.Tensor, # a linear's inputs, (..., in_features)
+              ) -> torch.Tensor:
+    "G = X^T X / n over the n rows of `x`: a lone linear's squared error is a quadratic form in G."
+    columns = x.reshape(-1, x.shape[-1]).float().T  # (in_features, n), a view
+    return onednn_linear(columns, columns) / columns.shape[1]
+
+def gram_losses(gram: torch.Tensor, # `input_gram` of the inputs
+                delta: torch.Tensor, # weight changes, (candidates, out_features, in_features)
+               ) -> list[float]:
+    "Each candidate's mean of (x delta^T)^2 over inputs and outputs: sum((delta G) * delta) / out."
+    return (onednn_linear(delta, gram) * delta).sum((1, 2)).div(delta.shape[1]).tolist()
 
 @torch.no_grad()
 def grid_losses(replay: Replay,
@@ -186,10 +221,8 @@ def grid_losses(replay: Replay,
     "Mean squared error of `replay`'s output with each set of `weights`, several alphas per call."
     target = replay.output.float()
     if list(linears) == ['']:  # a lone linear: its mean squared error is a quadratic form in W
-        linear = linears['']
-        gram = Hessian(linear.in_features, target.device).add(replay.args[0]).value() / 2
-        delta = torch.stack([w[''] for w in weights]).float() - linear.weight.float()
-        return ((delta @ gram) * delta).sum((1, 2)).div(linear.out_features).tolist()
+        delta = torch.stack([w[''] for w in weights]).float() - linears[''].weight.float()
+        return gram_losses(input_gram(replay.args[0]), delta)
     key = lambda name: f'{name}.weight' if name else 'weight'
     width = max(l.out_features for l in linears.values())
     batch = _alpha_batch(target.numel() // target.shape[-1], width, len(weights), target.device)
@@ -197,8 +230,8 @@ def grid_losses(replay: Replay,
     while start < len(weights):
         chunk = weights[start:start + batch]
         stacked = {key(n): torch.stack([w[n] for w in chunk]) for n in linears}
-        try:
-            with warnings.catch_warnings():  # attention under vmap takes a slower path: it says so
+        try:  # attention under vmap takes a slower path, and says so
+            with warnings.catch_warnings(), onednn_linears(replay.module):
                 warnings.simplefilter('ignore', UserWarning)
                 outputs = (torch.func.vmap(replay)(stacked) if batch > 1
                            else replay({k: v[0] for k, v in stacked.items()})[None])

@@ -8,19 +8,24 @@ Docs: https://quantcourse.github.io/quantcourse/gguf.html.md"""
 
 # %% ../nbs/06_gguf.ipynb #24240b72
 from __future__ import annotations
-import ctypes, math, os, subprocess, tarfile
+import ctypes, math, os, re, subprocess, sys, tarfile
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
+import gguf
+from gguf import GGMLQuantizationType
 import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .core import check_tensor, cache_dir, QuantizedLinear, Method, register_method
+from .core import (check_tensor, cache_dir, bundled_gguf, QuantizedLinear, Method,
+                              register_method)
 
 # %% auto #0
 __all__ = ['BLOCK_SIZE', 'QK_K', 'BLOCK_BYTES', 'BLOCK_WEIGHTS', 'TYPE_NAMES', 'LEGACY_TYPES',
           'LLAMA_CPP_VERSION', 'QUANTIZERS', 'DEQUANTIZERS', 'IMPORTANCE_QUANTIZERS',
-          'CHUNK_WEIGHTS', 'check_type', 'check_rows', 'to_blocks', 'signed_absmax', 'block_min',
+          'CHUNK_WEIGHTS', 'GGUF_NAMES', 'GGUF_TOP_NAMES', 'MIX_DEFAULTS', 'MIXES', 'FALLBACKS',
+          'LLAMA_CMAKE_ARGS', 'check_type', 'check_rows', 'to_blocks', 'signed_absmax', 'block_min',
           'block_max', 'inverse', 'pack_nibbles', 'unpack_nibbles', 'float16_bytes',
           'float16_values', 'symmetric_codes', 'quantize_q4_0', 'dequantize_q4_0', 'affine_codes',
           'quantize_q4_1', 'dequantize_q4_1', 'pack_high_bits', 'unpack_high_bits', 'quantize_q5_0',
@@ -28,13 +33,19 @@ __all__ = ['BLOCK_SIZE', 'QK_K', 'BLOCK_BYTES', 'BLOCK_WEIGHTS', 'TYPE_NAMES', '
           'dequantize_q8_0', 'llama_cpp_sdist', 'build_ggml_quants', 'reference_quantize',
           'sequential_sum', 'nearest_int', 'float32_sqrt', 'weighted_error', 'fit_scale_min',
           'trial_steps', 'search_scale_min', 'six_bit_codes', 'pack_six_bit', 'unpack_six_bit',
-          'refit_codes', 'fit_super_blocks', 'quantize_q4_k', 'dequantize_q4_k', 'high_bit_mask',
-          'unpack_high_bit_mask', 'quantize_q5_k', 'dequantize_q5_k', 'search_symmetric_scale',
-          'pack_two_bit', 'unpack_two_bit', 'pack_q6_codes', 'quantize_q6_k', 'dequantize_q6_k',
-          'refine_pass', 'refine_scale', 'search_q3_codes', 'pack_q3_scales', 'unpack_q3_scales',
-          'quantize_q3_k', 'dequantize_q3_k', 'four_bit_codes', 'quantize_q2_k', 'dequantize_q2_k',
+          'refit_codes', 'fit_super_blocks', 'quantize_q4_k', 'sub_block_steps',
+          'unpack_low_nibbles', 'dequantize_q4_k', 'high_bit_mask', 'unpack_high_bit_mask',
+          'quantize_q5_k', 'dequantize_q5_k', 'search_symmetric_scale', 'pack_two_bit',
+          'unpack_two_bit', 'pack_q6_codes', 'quantize_q6_k', 'dequantize_q6_k', 'refine_pass',
+          'refine_scale', 'search_q3_codes', 'pack_q3_scales', 'unpack_q3_scales', 'quantize_q3_k',
+          'dequantize_q3_k', 'four_bit_codes', 'quantize_q2_k', 'dequantize_q2_k',
           'search_step_codes', 'quantize_q4_k_weighted', 'importance_blocks', 'quantize_bytes',
-          'quantize', 'dequantize', 'GGUFWeight', 'GGUFLinear']
+          'quantize', 'dequantize', 'GGUFWeight', 'GGUFLinear', 'gguf_name', 'llama_tensors',
+          'use_more_bits', 'fits', 'fallback_type', 'chosen_type', 'gguf_mix', 'tensor_bytes',
+          'mix_bits', 'permute_rows', 'stored_array', 'stored_values', 'gguf_tensors',
+          'dequantized_model', 'llama_metadata', 'copy_fields', 'read_gguf', 'write_gguf',
+          'llama_cpp_folder', 'build_llama_cpp', 'import_llama_cpp', 'llama_logits', 'llama_greedy',
+          'llama_quantize', 'greedy_ids']
 
 # %% ../nbs/06_gguf.ipynb #49d4f81c
 BLOCK_SIZE = 32  # weights per block in every legacy type
@@ -386,13 +397,20 @@ def quantize_q4_k(blocks: torch.Tensor) -> torch.Tensor:
     header, codes = fit_super_blocks(blocks)
     return torch.cat([header, (codes[:, 0::2] | codes[:, 1::2] << 4).reshape(-1, 128)], dim=1)
 
+def sub_block_steps(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "(n, 8) steps `d*sc_j` and shifts `dmin*m_j` from the 16-byte header of Q4_K/Q5_K super-blocks."
+    sc, m = unpack_six_bit(data[:, 4:16])
+    return float16_values(data[:, :2]) * sc.float(), float16_values(data[:, 2:4]) * m.float()
+
+def unpack_low_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
+    "(n, 8, 32) uint8 codes from (n, 128) bytes: sub-block 2i in low nibbles, 2i+1 in high."
+    nibbles = nibbles.reshape(-1, 4, 32)
+    return torch.stack([nibbles & 15, nibbles >> 4], dim=2).reshape(-1, 8, 32)
+
 def dequantize_q4_k(data: torch.Tensor) -> torch.Tensor:
     "(n, 256) float32 weights `d*sc_j * q - dmin*m_j` from (n, 144) Q4_K super-blocks."
-    sc, m = unpack_six_bit(data[:, 4:16])
-    step = float16_values(data[:, :2]) * sc.float()
-    shift = float16_values(data[:, 2:4]) * m.float()
-    nibbles = data[:, 16:].reshape(-1, 4, 32)
-    codes = torch.stack([nibbles & 15, nibbles >> 4], dim=2).reshape(-1, 8, 32).float()
+    step, shift = sub_block_steps(data)
+    codes = unpack_low_nibbles(data[:, 16:]).float()
     return (step[..., None] * codes - shift[..., None]).reshape(-1, QK_K)
 
 # %% ../nbs/06_gguf.ipynb #f1dc92a8
@@ -416,12 +434,8 @@ def quantize_q5_k(blocks: torch.Tensor) -> torch.Tensor:
 
 def dequantize_q5_k(data: torch.Tensor) -> torch.Tensor:
     "(n, 256) float32 weights `d*sc_j * q - dmin*m_j` from (n, 176) Q5_K super-blocks."
-    sc, m = unpack_six_bit(data[:, 4:16])
-    step = float16_values(data[:, :2]) * sc.float()
-    shift = float16_values(data[:, 2:4]) * m.float()
-    nibbles = data[:, 48:].reshape(-1, 4, 32)
-    low = torch.stack([nibbles & 15, nibbles >> 4], dim=2).reshape(-1, 8, 32)
-    codes = (low | unpack_high_bit_mask(data[:, 16:48]) << 4).float()
+    step, shift = sub_block_steps(data)
+    codes = (unpack_low_nibbles(data[:, 48:]) | unpack_high_bit_mask(data[:, 16:48]) << 4).float()
     return (step[..., None] * codes - shift[..., None]).reshape(-1, QK_K)
 
 # %% ../nbs/06_gguf.ipynb #aa3b6a38
@@ -758,3 +772,248 @@ for _type in LEGACY_TYPES:
     register_method(Method(f'gguf_{_type.lower()}', GGUFLinear, dict(type_name=_type), _gguf,
                            doc=f"llama.cpp's {_type} blocks of 32 ({8 * BLOCK_BYTES[_type] / 32} "
                                "bits per weight), byte for byte"))
+
+# %% ../nbs/06_gguf.ipynb #c990519b
+GGUF_NAMES = {'self_attn.q_proj': 'attn_q', 'self_attn.k_proj': 'attn_k',
+              'self_attn.v_proj': 'attn_v', 'self_attn.o_proj': 'attn_output',
+              'mlp.gate_proj': 'ffn_gate', 'mlp.up_proj': 'ffn_up', 'mlp.down_proj': 'ffn_down',
+              'input_layernorm': 'attn_norm', 'post_attention_layernorm': 'ffn_norm'}
+GGUF_TOP_NAMES = {'model.embed_tokens.weight': 'token_embd.weight',
+                  'model.norm.weight': 'output_norm.weight', 'lm_head.weight': 'output.weight'}
+
+def gguf_name(name: str) -> str:
+    "The GGUF name of a transformers Llama parameter, as llama.cpp's converter spells it."
+    if name in GGUF_TOP_NAMES: return GGUF_TOP_NAMES[name]
+    found = re.fullmatch(r'model\.layers\.(\d+)\.(.+)\.weight', name)
+    if not found or found[2] not in GGUF_NAMES:
+        raise ValueError(f"{name!r} is not a parameter of a transformers Llama model")
+    return f'blk.{found[1]}.{GGUF_NAMES[found[2]]}.weight'
+
+# %% ../nbs/06_gguf.ipynb #47fc93b2
+def llama_tensors(config) -> dict[str, tuple]:
+    "GGUF name -> torch shape (rows, columns) of every tensor of a Llama with this config."
+    c = config if isinstance(config, dict) else config.to_dict()
+    h, f, v = c['hidden_size'], c['intermediate_size'], c['vocab_size']
+    head = c.get('head_dim') or h // c['num_attention_heads']
+    q, kv = head * c['num_attention_heads'], head * c['num_key_value_heads']
+    block = dict(attn_norm=(h,), attn_q=(q, h), attn_k=(kv, h), attn_v=(kv, h),
+                 attn_output=(h, q), ffn_gate=(f, h), ffn_up=(f, h), ffn_down=(h, f), ffn_norm=(h,))
+    tensors = {'token_embd.weight': (v, h), 'output_norm.weight': (h,)}
+    if not c.get('tie_word_embeddings'): tensors['output.weight'] = (v, h)
+    for i in range(c['num_hidden_layers']):
+        tensors |= {f'blk.{i}.{role}.weight': shape for role, shape in block.items()}
+    return tensors
+
+# %% ../nbs/06_gguf.ipynb #8b428342
+MIX_DEFAULTS = {'F32': 'F32', 'F16': 'F16', 'Q8_0': 'Q8_0', 'Q4_0': 'Q4_0', 'Q6_K': 'Q6_K',
+                'Q3_K_M': 'Q3_K', 'Q4_K_M': 'Q4_K', 'Q5_K_M': 'Q5_K'}  # file type -> default type
+MIXES = tuple(MIX_DEFAULTS)
+FALLBACKS = {'Q2_K': 'Q4_0', 'Q3_K': 'Q4_0', 'Q4_K': 'Q5_0', 'Q5_K': 'Q5_1', 'Q6_K': 'Q8_0'}
+
+def use_more_bits(layer: int, n_layers: int) -> bool:
+    "Whether llama.cpp gives `layer` more bits: the first and last eighth, every third between."
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+def fits(type_name: str, columns: int) -> bool:
+    "Whether rows of `columns` weights cut into whole blocks of `type_name`."
+    return columns % BLOCK_WEIGHTS.get(type_name, 1) == 0
+
+def fallback_type(type_name: str, columns: int) -> str:
+    "llama.cpp's type for rows of `columns` when `type_name`'s blocks do not cut them."
+    if fits(type_name, columns): return type_name
+    type_name = FALLBACKS.get(type_name, type_name)
+    return type_name if fits(type_name, columns) else 'F16'
+
+# %% ../nbs/06_gguf.ipynb #9521696e
+def chosen_type(name: str, columns: int, mix: str, n_layers: int, tied: bool) -> str:
+    "llama.cpp's type for the 2-D weight `name` under `mix`, before the fallback for its rows."
+    default = MIX_DEFAULTS[mix]
+    if name == 'output.weight' or (tied and name == 'token_embd.weight'):
+        return 'Q8_0' if default == 'Q8_0' or not fits(default, columns) else 'Q6_K'
+    if name == 'token_embd.weight': return default
+    layer = int(name.split('.')[1])  # attn_v's and ffn_down's counters: the layer index
+    more, role = use_more_bits(layer, n_layers), name.split('.')[2]
+    if mix == 'Q3_K_M':
+        if role == 'attn_v': return 'Q5_K' if layer < 2 else 'Q4_K'
+        if role == 'ffn_down': return 'Q5_K' if layer < n_layers // 16 else 'Q4_K'
+        if role == 'attn_output': return 'Q4_K'
+    if mix in ('Q4_K_M', 'Q5_K_M') and role in ('attn_v', 'ffn_down') and more: return 'Q6_K'
+    return default
+
+# %% ../nbs/06_gguf.ipynb #743371a5
+def gguf_mix(tensors: dict, # GGUF name -> torch shape, as `llama_tensors` gives
+             mix: str, # one of `MIXES`: 'Q4_K_M', 'Q8_0', 'F16', ...
+            ) -> dict[str, str]:
+    "GGUF name -> the type llama.cpp's file type `mix` stores that tensor of a Llama in."
+    if mix not in MIX_DEFAULTS: raise ValueError(f"unknown mix {mix!r}; choose one of {MIXES}")
+    n_layers = 1 + max(int(n.split('.')[1]) for n in tensors if n.startswith('blk.'))
+    tied, types = 'output.weight' not in tensors, {}
+    for name, shape in tensors.items():
+        if len(shape) < 2 or name.endswith('_norm.weight'): types[name] = 'F32'
+        elif MIX_DEFAULTS[mix] in ('F32', 'F16'): types[name] = MIX_DEFAULTS[mix]
+        else: types[name] = fallback_type(chosen_type(name, shape[-1], mix, n_layers, tied),
+                                          shape[-1])
+    return types
+
+# %% ../nbs/06_gguf.ipynb #462892e7
+def tensor_bytes(shape, type_name: str) -> int:
+    "Bytes that a tensor of `shape` takes when stored as `type_name`."
+    n = math.prod(shape)
+    if type_name in ('F32', 'F16'): return n * (4 if type_name == 'F32' else 2)
+    return n // BLOCK_WEIGHTS[type_name] * BLOCK_BYTES[type_name]
+
+def mix_bits(tensors: dict, types: dict, names=None) -> float:
+    "Bits per weight of the tensors `names` (default: all) stored as `types` say."
+    names = list(tensors) if names is None else list(names)
+    stored = sum(tensor_bytes(tensors[n], types[n]) for n in names)
+    return 8 * stored / sum(math.prod(tensors[n]) for n in names)
+
+# %% ../nbs/06_gguf.ipynb #caa8095c
+def permute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    "A q or k projection's rows in the order llama.cpp's rotary embedding reads (its converter's)."
+    halves = weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+    return halves.transpose(1, 2).reshape(weight.shape)
+
+def stored_array(weight: torch.Tensor, type_name: str) -> np.ndarray:
+    "`weight` as a GGUF file stores it in `type_name`: float32, float16, or the blocks' bytes."
+    if type_name == 'F32': return weight.float().numpy()
+    if type_name == 'F16': return weight.half().numpy()
+    return quantize(weight.float(), type_name)
+
+def stored_values(weight: torch.Tensor, type_name: str) -> torch.Tensor:
+    "The float32 values `weight` has once stored in `type_name` and read back."
+    if type_name in ('F32', 'F16'): return torch.from_numpy(stored_array(weight, type_name)).float()
+    return dequantize(stored_array(weight, type_name), type_name, weight.shape)
+
+# %% ../nbs/06_gguf.ipynb #bede4130
+def gguf_tensors(model, mix: str) -> dict[str, tuple[np.ndarray, str]]:
+    "GGUF name -> (stored array, type) of every tensor of a transformers Llama under `mix`."
+    c, weights = model.config, {gguf_name(n): p.detach().float().cpu()
+                                for n, p in model.named_parameters()}
+    types = gguf_mix({n: tuple(w.shape) for n, w in weights.items()}, mix)
+    for name, w in weights.items():
+        if '.attn_q.' in name: weights[name] = permute_rows(w, c.num_attention_heads)
+        if '.attn_k.' in name: weights[name] = permute_rows(w, c.num_key_value_heads)
+    return {n: (stored_array(w, types[n]), types[n]) for n, w in weights.items()}
+
+def dequantized_model(model, mix: str):
+    "A copy of `model` whose every weight holds the values `mix` stores for it."
+    copy = deepcopy(model)
+    types = gguf_mix({gguf_name(n): tuple(p.shape) for n, p in model.named_parameters()}, mix)
+    with torch.no_grad():
+        for n, p in copy.named_parameters():
+            p.copy_(stored_values(p.detach().float().cpu(), types[gguf_name(n)]))
+    return copy
+
+# %% ../nbs/06_gguf.ipynb #fcabbb7b
+def llama_metadata(config) -> dict:
+    "The `llama.*` keys of a GGUF file, from a transformers Llama config."
+    c = config.to_dict()
+    head = c.get('head_dim') or c['hidden_size'] // c['num_attention_heads']
+    return {'block_count': c['num_hidden_layers'], 'context_length': c['max_position_embeddings'],
+            'embedding_length': c['hidden_size'], 'feed_forward_length': c['intermediate_size'],
+            'attention.head_count': c['num_attention_heads'], 'vocab_size': c['vocab_size'],
+            'attention.head_count_kv': c['num_key_value_heads'], 'rope.dimension_count': head,
+            'rope.freq_base': float(c.get('rope_theta') or c['rope_parameters']['rope_theta']),
+            'attention.layer_norm_rms_epsilon': float(c['rms_norm_eps'])}
+
+def copy_fields(reader, writer, prefixes=('general.', 'tokenizer.'),
+                skip=('general.architecture', 'general.file_type', 'general.quantization_version')):
+    "Copy the key-value fields of `reader` under `prefixes` (tokenizer, names) into `writer`."
+    for key, field in reader.fields.items():
+        if not key.startswith(prefixes) or key in skip: continue
+        array = field.types[0] == gguf.GGUFValueType.ARRAY
+        writer.add_key_value(key, field.contents(), field.types[0],
+                             sub_type=field.types[-1] if array else None)
+
+# %% ../nbs/06_gguf.ipynb #61b30d12
+def read_gguf(path) -> gguf.GGUFReader:
+    "`gguf`'s reader of the file at `path`; an error naming the file if it does not parse."
+    try: return gguf.GGUFReader(path)
+    except Exception as e:
+        raise ValueError(f"{path} is not a GGUF file that parses ({type(e).__name__}: {e})") from e
+
+def write_gguf(model, path, mix: str = 'Q8_0', metadata_from=None) -> Path:
+    "Write a transformers Llama as a GGUF file of `mix`, with the tokenizer of the bundled GGUF."
+    path, tensors = Path(path), gguf_tensors(model, mix)
+    writer = gguf.GGUFWriter(path, arch='llama')
+    for key, value in llama_metadata(model.config).items():
+        writer.add_key_value(f'llama.{key}', value, gguf.GGUFValueType.FLOAT32
+                             if isinstance(value, float) else gguf.GGUFValueType.UINT32)
+    copy_fields(read_gguf(metadata_from or bundled_gguf()), writer)
+    file_type = 'ALL_F32' if mix == 'F32' else f'MOSTLY_{mix}'
+    writer.add_file_type(gguf.LlamaFileType[file_type]); writer.add_quantization_version(2)
+    for name, (array, type_name) in tensors.items():
+        raw = None if type_name in ('F32', 'F16') else GGMLQuantizationType[type_name]
+        writer.add_tensor(name, array, raw_dtype=raw)
+    writer.write_header_to_file(); writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(); writer.close()
+    return path
+
+# %% ../nbs/06_gguf.ipynb #47793757
+# the library only (no tools, tests or server), compiled for this CPU
+LLAMA_CMAKE_ARGS = ('-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF '
+                    '-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF')
+
+def llama_cpp_folder() -> Path:
+    "Where the cached build of llama-cpp-python lives (a `pip install --target` folder)."
+    return cache_dir()/f'llama-cpp-python-{LLAMA_CPP_VERSION}'
+
+def build_llama_cpp(sdist: Path|None = None) -> Path:
+    "Build all of llama-cpp-python from its sdist into the cache, once (minutes); its folder."
+    folder = llama_cpp_folder()
+    if (folder/'llama_cpp'/'__init__.py').exists(): return folder
+    partial = folder.with_name(f'{folder.name}-partial-{os.getpid()}')
+    env = os.environ | {'CMAKE_ARGS': os.environ.get('CMAKE_ARGS', LLAMA_CMAKE_ARGS),
+                        'CMAKE_BUILD_PARALLEL_LEVEL': str(os.cpu_count() or 1)}
+    packages = [str(sdist or llama_cpp_sdist()), 'diskcache']
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--target',
+                    str(partial), *packages], check=True, env=env)
+    partial.replace(folder)
+    return folder
+
+_QUIET = None  # the log callback that drops llama.cpp's messages
+
+def import_llama_cpp():
+    "The `llama_cpp` module of the cached build (put on `sys.path`), or an error naming the fix."
+    folder = llama_cpp_folder()
+    if not (folder/'llama_cpp'/'__init__.py').exists():
+        raise ModuleNotFoundError(f"llama-cpp-python is not built in {folder}; run `make llama-cpp`"
+                                  " or `quantcourse.gguf.build_llama_cpp()` (minutes, once)")
+    if str(folder) not in sys.path: sys.path.append(str(folder))
+    import llama_cpp
+    global _QUIET  # llama.cpp logs every tensor it loads or quantizes: keep it quiet, once
+    if _QUIET is None:
+        _QUIET = llama_cpp.llama_log_callback(lambda level, text, data: None)
+        llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p(0))
+    return llama_cpp
+
+# %% ../nbs/06_gguf.ipynb #cd84c473
+def llama_logits(llm, ids) -> torch.Tensor:
+    "llama.cpp's float32 logits (tokens, vocabulary) for the token ids `ids`, from a fresh context."
+    llm.reset(); llm.eval(list(ids))
+    return torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
+
+def llama_greedy(llm, ids, n_tokens: int) -> list[int]:
+    "The `n_tokens` ids llama.cpp generates after `ids`, always taking the most likely next token."
+    llm.reset(); out = []
+    for token in llm.generate(list(ids), temp=0.0, reset=True):
+        out.append(token)
+        if len(out) == n_tokens: return out
+    return out
+
+def llama_quantize(source, target, mix: str, threads: int = 2) -> Path:
+    "Quantize the GGUF file `source` to `target` with llama.cpp's own `llama_model_quantize`."
+    llama_cpp = import_llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = int(gguf.LlamaFileType[f'MOSTLY_{mix}']), threads
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    if status != 0: raise RuntimeError(f"llama_model_quantize({source}, {mix}) returned {status}")
+    return Path(target)
+
+def greedy_ids(model, ids, n_tokens: int) -> list[int]:
+    "The `n_tokens` ids a transformers model generates after `ids`, always the most likely one."
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(n_tokens): out.append(int(model(torch.tensor([out])).logits[0, -1].argmax()))
+    return out[len(ids):]

@@ -4,7 +4,8 @@ import pytest, torch
 from torch import nn
 from quantcourse import awq
 from quantcourse.awq import (awq_model, awq_block, scale_groups, record_block, grid_losses, search_scale,
-                             ScaleGroup, channel_means, awq_scales)
+                             ScaleGroup, channel_means, awq_scales, input_gram, gram_losses, onednn_linear,
+                             onednn_linears)
 from quantcourse.core import decoder_blocks, block_inputs, linear_groups
 from quantcourse.api import quantize_model
 from tiny_models import ARCHS, build, calibration as tiny_calibration
@@ -39,6 +40,53 @@ def test_batched_losses_equal_one_call_per_candidate():
         naive = [(replay({key(n): w for n, w in t.items()}) - replay.output).pow(2).mean().item() for t in tries]
         got = grid_losses(replay, linears, tries)
         assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(got, naive)), (g.inspect, got, naive)
+
+
+def test_gram_losses_equal_the_direct_ones():
+    "sum((delta G) * delta) / out with G = X^T X / n is the mean of (X delta^T)^2, with and without oneDNN."
+    torch.manual_seed(0)
+    x, delta = torch.randn(2, 150, 48) * 3, torch.randn(5, 16, 48) * 0.1
+    direct = [(x.reshape(-1, 48) @ d.T).pow(2).mean().item() for d in delta]
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            got = gram_losses(input_gram(x), delta)
+        assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(got, direct)), (grad, got, direct)
+
+
+def test_onednn_linear_equals_f_linear_and_falls_back():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 7, 40), torch.randn(24, 40), torch.randn(24)
+    with torch.no_grad():
+        torch.testing.assert_close(onednn_linear(x, w, b), nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(onednn_linear(x.double(), w.double()), nn.functional.linear(x.double(), w.double()))
+    w.requires_grad_()
+    assert onednn_linear(x, w).grad_fn is not None  # with gradients on: F.linear, so backward works
+
+
+def test_onednn_linears_put_back_every_forward():
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        expected = model(x)
+        with onednn_linears(model):
+            with onednn_linears(model):  # nested: the inner one leaves the outer's in place
+                torch.testing.assert_close(model(x), expected)
+            assert all('forward' in vars(m) for m in (model[0], model[2]))
+        with pytest.raises(RuntimeError, match='inside'), onednn_linears(model): raise RuntimeError('inside')
+    assert not any('forward' in vars(m) for m in model.modules())
+
+
+def test_onednn_search_chooses_the_same_alphas(monkeypatch):
+    "The grid with oneDNN's products and with F.linear: the same losses to float rounding, the same alphas."
+    model, ids = build('llama'), tiny_calibration(4, 32)
+    block, hidden, kwargs, groups = _block_and_groups(model, ids, gqa_v_to_o=True)
+    inputs, replays = record_block(block, hidden, kwargs, [g.names[0] for g in groups], [g.inspect for g in groups])
+    search = lambda g: search_scale(block, g, inputs[g.names[0]], replays[g.inspect], bits=3, group_size=32)
+    fast = [search(g) for g in groups]
+    monkeypatch.setattr(awq, '_ONEDNN', False)
+    for g, (_, alpha, losses) in zip(groups, fast):
+        _, plain_alpha, plain = search(g)
+        assert alpha == plain_alpha and all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(losses, plain))
 
 
 @pytest.mark.parametrize('arch', ARCH_NAMES)

@@ -242,3 +242,109 @@ def test_k_quant_layer(type_name, tmp_path):
     fresh = GGUFLinear.from_config(layer.config()); fresh.load_state_dict(load_file(str(tmp_path / 'l.safetensors')))
     with torch.no_grad(): assert torch.equal(fresh(x), layer(x))
     with pytest.raises(ValueError, match='multiple of 256'): GGUFLinear(576, 8, type_name=type_name)
+
+# llama.cpp's mixes (llama-quant.cpp's llama_tensor_get_type for a dense Llama)
+from quantcourse.gguf import MIXES, gguf_mix, gguf_name, llama_tensors, mix_bits, use_more_bits
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+
+def test_use_more_bits_is_llama_cpp_layer_choice():
+    assert [i for i in range(32) if use_more_bits(i, 32)] == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+
+def test_q4_k_m_on_llama3_8b_shapes():
+    tensors = llama_tensors(LLAMA3_8B)
+    types = gguf_mix(tensors, 'Q4_K_M')
+    more = [i for i in range(32) if use_more_bits(i, 32)]
+    assert [i for i in range(32) if types[f'blk.{i}.attn_v.weight'] == 'Q6_K'] == more
+    assert [i for i in range(32) if types[f'blk.{i}.ffn_down.weight'] == 'Q6_K'] == more
+    assert {types[f'blk.{i}.{r}.weight'] for i in range(32) for r in ('attn_q', 'attn_k', 'attn_output', 'ffn_up', 'ffn_gate')} == {'Q4_K'}
+    assert (types['output.weight'], types['token_embd.weight'], types['output_norm.weight']) == ('Q6_K', 'Q4_K', 'F32')
+    assert abs(mix_bits(tensors, types) - 4.894) < 1e-3
+
+def test_q3_k_m_rules_and_fallbacks_on_the_course_model():
+    model, _ = load_model(device='cpu')
+    tensors = {gguf_name(n): tuple(p.shape) for n, p in model.named_parameters()}
+    q3 = gguf_mix(tensors, 'Q3_K_M')
+    # attn_v: Q5_K in layers 0-1 (-> Q5_1 on rows of 576), Q4_K after (-> Q5_0); ffn_down (rows of 1536): Q5_K in layer 0 (30 // 16 = 1)
+    assert [q3[f'blk.{i}.attn_v.weight'] for i in range(3)] == ['Q5_1', 'Q5_1', 'Q5_0']
+    assert [q3[f'blk.{i}.ffn_down.weight'] for i in range(2)] == ['Q5_K', 'Q4_K']
+    assert q3['blk.4.attn_output.weight'] == 'Q5_0' and q3['blk.4.attn_q.weight'] == 'Q4_0'
+    assert q3['token_embd.weight'] == 'Q8_0'
+    assert {gguf_mix(tensors, 'F16')[n] for n in tensors if 'norm' not in n} == {'F16'}
+    assert gguf_mix(tensors, 'Q4_0')['token_embd.weight'] == 'Q8_0'   # Q6_K for tied embeddings, then its fallback
+
+def test_gguf_mix_refuses_unknown_mix_and_names():
+    with pytest.raises(ValueError, match='unknown mix'): gguf_mix(llama_tensors(LLAMA3_8B), 'Q4_K_XL')
+    with pytest.raises(ValueError, match='not a parameter'): gguf_name('model.layers.0.block_sparse_moe.gate.weight')
+
+# GGUF files: written through gguf's GGUFWriter, read back by gguf and by transformers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from quantcourse.gguf import dequantized_model, permute_rows, read_gguf, write_gguf
+
+@pytest.fixture(scope='module')
+def tiny_llama():
+    "A random Llama with the course tokenizer's vocabulary, rows of 64 (k-quants fall back) and 256 (ffn_down keeps them)."
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+@pytest.mark.parametrize('mix', ['F16', 'Q4_K_M'])
+def test_transformers_reads_our_file_as_our_dequantized_model(tiny_llama, tmp_path, mix):
+    path = write_gguf(tiny_llama, tmp_path/f'tiny-{mix}.gguf', mix)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    ours = dequantized_model(tiny_llama, mix)
+    ids = torch.tensor([[1, 504, 3100, 281, 9, 42, 17000, 2]])
+    with torch.no_grad(): assert torch.equal(theirs(ids).logits, ours(ids).logits)   # tolerance zero
+    types = {t.name: t.tensor_type.name for t in read_gguf(path).tensors}
+    # four layers: use_more_bits holds for layers 2 and 3 (4 // 8 = 0, 7 * 4 // 8 = 3, (2 - 0) % 3 == 2)
+    assert [types[f'blk.{i}.ffn_down.weight'] for i in range(4)] == (['F16'] * 4 if mix == 'F16' else ['Q4_K', 'Q4_K', 'Q6_K', 'Q6_K'])
+    assert types['blk.1.attn_q.weight'] == ('F16' if mix == 'F16' else 'Q5_0')
+
+def test_permute_rows_is_what_transformers_undoes():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+    w = torch.randn(192, 64)
+    back = LlamaTensorProcessor(config={})._reverse_permute_weights(permute_rows(w, 3).numpy(), 3, 3)
+    assert np.array_equal(back, w.numpy())
+
+def test_a_file_that_does_not_parse_is_named(tmp_path):
+    (tmp_path/'junk.gguf').write_bytes(b'GGUF' + bytes(20))
+    with pytest.raises(ValueError, match='junk.gguf is not a GGUF file'): read_gguf(tmp_path/'junk.gguf')
+
+# llama.cpp itself (the cached build of llama-cpp-python that `make llama-cpp` makes) runs our files
+from quantcourse.gguf import greedy_ids, import_llama_cpp, llama_cpp_folder, llama_greedy, llama_logits, llama_quantize
+
+def llama_cpp_or_skip():
+    try: return import_llama_cpp()
+    except ModuleNotFoundError as e: pytest.skip(f"llama-cpp-python is not built in {llama_cpp_folder()} (`make llama-cpp` builds it): {e}")
+
+@pytest.fixture(scope='module')
+def tiny_files(tiny_llama, tmp_path_factory):
+    folder = tmp_path_factory.mktemp('tiny-gguf')
+    return {mix: write_gguf(tiny_llama, folder/f'tiny-{mix}.gguf', mix) for mix in ('F32', 'Q4_K_M')}
+
+def test_llama_model_quantize_gives_our_q4_k_m_bytes(tiny_files, tmp_path):
+    llama_cpp_or_skip()
+    theirs = read_gguf(llama_quantize(tiny_files['F32'], tmp_path/'llama-Q4_K_M.gguf', 'Q4_K_M'))
+    ours = {t.name: t for t in read_gguf(tiny_files['Q4_K_M']).tensors}
+    assert sorted(ours) == sorted(t.name for t in theirs.tensors)
+    for t in theirs.tensors:
+        assert (t.tensor_type, t.data.tobytes()) == (ours[t.name].tensor_type, ours[t.name].data.tobytes()), t.name
+
+def test_llama_cpp_computes_our_dequantized_model(tiny_llama, tiny_files):
+    """F32: llama.cpp's logits within 1e-4 of ours (float32 key-value cache) and the same greedy tokens; Q4_K_M: its
+    8-bit rounding of activations moves them by less than half of what the 4-bit weights themselves move them."""
+    llama_cpp = llama_cpp_or_skip()
+    ids = [1, 504, 3100, 281, 9, 42, 17000, 2, 77, 300]
+    with torch.no_grad(): float_logits = tiny_llama(torch.tensor([ids])).logits[0]
+    for mix in ('F32', 'Q4_K_M'):
+        llm = llama_cpp.Llama(model_path=str(tiny_files[mix]), n_ctx=64, logits_all=True, n_threads=1,
+                              type_k=0, type_v=0, verbose=False)
+        ours = dequantized_model(tiny_llama, mix)
+        with torch.no_grad(): expected = ours(torch.tensor([ids])).logits[0]
+        gap = (llama_logits(llm, ids) - expected).abs()
+        if mix == 'F32':
+            assert gap.max() < 1e-4
+            assert llama_greedy(llm, ids, 8) == greedy_ids(ours, ids, 8)
+        else: assert gap.mean() < (expected - float_logits).abs().mean() / 2
