@@ -12,15 +12,20 @@ import itertools, json, math
 from pathlib import Path
 import torch
 from torch import nn
-from .core import (QuantizedLinear, decoder_blocks, check_choice, check_int, check_number,
-                              replace_linears)
+from .core import (QuantizedLinear, METHODS, decoder_blocks, check_choice, check_int,
+                              check_number, replace_linears)
+from .scales import Arch, ARCHS
+from .nf4 import NESTED_BLOCKSIZE
 
 # %% auto #0
-__all__ = ['COMPUTE_DTYPES', 'SCHEDULES', 'ADAPTER_WEIGHTS', 'ADAPTER_CONFIG',
-          'check_lora_settings', 'check_frozen', 'LoRALinear', 'block_linears', 'match_targets',
-          'add_lora', 'lora_layers', 'trainable_parameters', 'prepare_for_kbit_training',
-          'lr_factor', 'train_lora', 'adapter_state_dict', 'adapter_config', 'save_adapters',
-          'load_adapters']
+__all__ = ['COMPUTE_DTYPES', 'SCHEDULES', 'ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'SETUPS',
+          'OPTIMIZERS', 'KINDS', 'check_lora_settings', 'check_frozen', 'LoRALinear',
+          'block_linears', 'match_targets', 'add_lora', 'lora_layers', 'trainable_parameters',
+          'prepare_for_kbit_training', 'lr_factor', 'train_lora', 'adapter_state_dict',
+          'adapter_config', 'save_adapters', 'load_adapters', 'lora_delta', 'float_weight',
+          'merged_linear', 'quantize_like', 'merge_lora', 'target_kinds', 'nf4_dq_bytes',
+          'adam_state_bytes', 'activation_bytes', 'trained_numels', 'weight_bytes',
+          'training_memory']
 
 # %% ../nbs/08_qlora.ipynb #c2aa8989
 def check_lora_settings(r, alpha, dropout):
@@ -224,3 +229,135 @@ def load_adapters(model, folder):
     with torch.no_grad():
         for key, tensor in tensors.items(): expected[key].copy_(tensor)
     return model
+
+# %% ../nbs/08_qlora.ipynb #867da8c2
+def lora_delta(layer: LoRALinear) -> torch.Tensor:
+    "The update `layer` adds, as a weight: alpha / r times B A, (out, in), float32."
+    B, A = layer.lora_B.weight.detach().float(), layer.lora_A.weight.detach().float()
+    return layer.scaling * (B @ A)
+
+def float_weight(layer: nn.Module) -> torch.Tensor:
+    "The weight of an `nn.Linear`, or a weight-only quantized layer's dequantized weight, float32."
+    four_bit = type(getattr(layer, 'weight', None)).__name__ == 'Params4bit'  # bitsandbytes'
+    if isinstance(layer, nn.Linear) and not four_bit: return layer.weight.detach().float()
+    if isinstance(layer, QuantizedLinear) and layer.weight_only:
+        return layer.weight().dequantize(torch.float32)
+    raise TypeError(f"the base layer must be an nn.Linear or a weight-only QuantizedLinear, got "
+                    f"{type(layer).__name__}; merge bitsandbytes' layers with peft's "
+                    "merge_and_unload")
+
+def merged_linear(layer: LoRALinear) -> nn.Linear:
+    "An `nn.Linear` with the base's (float) weight plus the update: it computes like `layer`."
+    base = layer.base_layer
+    weight, bias = float_weight(base) + lora_delta(layer), getattr(base, 'bias', None)
+    dtype = base.weight.dtype if isinstance(base, nn.Linear) else torch.float32
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None,
+                       device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None: linear.bias.copy_(bias)
+    return linear.requires_grad_(False)
+
+# %% ../nbs/08_qlora.ipynb #b01e483a
+def quantize_like(layer: QuantizedLinear, linear: nn.Linear) -> QuantizedLinear:
+    "`linear` quantized afresh with the method and settings of `layer` (no calibration)."
+    method = METHODS.get(layer.method)
+    if method is None or method.needs_calibration:
+        raise ValueError(f"the base layers are {layer.method!r}, which needs calibration data; "
+                         "call merge_lora(model, requantize=False), then quantize the merged "
+                         f"model with quantize_model(model, {layer.method!r}, calibration=...)")
+    settings = {k: v for k, v in layer.settings().items() if k in method.defaults}
+    return method.quantize(linear, None, **settings)
+
+def merge_lora(model, requantize: bool = True, # False: a quantized base becomes float32 W + B A
+              ):
+    "Fold every `LoRALinear` into its base, in place, re-quantizing quantized bases (peft's way)."
+    layers = lora_layers(model)
+    if not layers: raise ValueError("the model has no LoRA adapters; add_lora or load_adapters")
+    def merge(name, layer):
+        linear = merged_linear(layer)
+        if requantize and isinstance(layer.base_layer, QuantizedLinear):
+            return quantize_like(layer.base_layer, linear)
+        return linear
+    replace_linears(model, merge, list(layers))
+    return model
+
+# %% ../nbs/08_qlora.ipynb #061811a4
+SETUPS, OPTIMIZERS = ('full', 'lora', 'qlora'), ('adamw', 'adamw8bit', 'paged_adamw8bit')
+KINDS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')  # `Arch.linears()`'s names
+
+def target_kinds(targets='all-linear') -> list[str]:
+    "The kinds in `KINDS` that `targets` names: 'all-linear', or names like ['q_proj', 'v_proj']."
+    if isinstance(targets, str) and targets == 'all-linear': return list(KINDS)
+    names = list(targets) if isinstance(targets, (list, tuple)) else []
+    kinds = [t.removesuffix('_proj') for t in names if isinstance(t, str)]
+    if not kinds or len(kinds) < len(names) or set(kinds) - set(KINDS):
+        choices = [k + '_proj' for k in KINDS]
+        raise ValueError(f"targets must be 'all-linear' or names from {choices}, got {targets!r}")
+    return kinds
+
+# %% ../nbs/08_qlora.ipynb #676534e9
+def nf4_dq_bytes(n: int, blocksize: int = 64) -> int:
+    "Bytes of an `n`-number weight in NF4 with double quantization, as `NF4Linear` stores it."
+    blocks = -(-n // blocksize)
+    # codes, 8-bit scales, float32 nested scales and offset
+    return -(-n // 2) + blocks + 4 * -(-blocks // NESTED_BLOCKSIZE) + 4
+
+def adam_state_bytes(numels: list[int], # numbers in each trained tensor
+                     nbytes: int, optimizer: str = 'adamw') -> int:
+    "Bytes of AdamW's two moments: `nbytes` a number, or bitsandbytes' 8-bit blockwise state."
+    if optimizer == 'adamw': return sum(2 * n * nbytes for n in numels)
+    return sum(2 * (n + 4 * -(-n // 256)) if n >= 4096 else 8 * n for n in numels)
+
+def activation_bytes(arch: Arch, tokens: int, gradient_checkpointing: bool = True,
+                     nbytes: int = 2) -> int:
+    "Estimated bytes kept for backward: block activations in `nbytes`, float32 logits and gradient."
+    q, kv = arch.heads * arch.dim, arch.kv_heads * arch.dim
+    block = 4 * arch.hidden + 2 * q + 2 * kv + 4 * arch.intermediate  # numbers per token
+    kept = arch.layers * arch.hidden + block if gradient_checkpointing else arch.layers * block
+    return tokens * (kept * nbytes + 8 * arch.vocab)
+
+# %% ../nbs/08_qlora.ipynb #1e986ebc
+def trained_numels(arch: Arch, setup: str, r: int = 8, targets='all-linear') -> list[int]:
+    "Numbers in each trained tensor: every parameter (full) or each adapter's A and B."
+    if setup == 'full':
+        block = [o * i for _, o, i in arch.linears()] + [arch.hidden] * 2
+        head = [] if arch.tied else [arch.vocab * arch.hidden]
+        return [arch.vocab * arch.hidden] + block * arch.layers + [arch.hidden] + head
+    kinds = target_kinds(targets)
+    adapters = [n for kind, o, i in arch.linears() if kind in kinds for n in (r * i, o * r)]
+    return adapters * arch.layers
+
+def weight_bytes(arch: Arch, setup: str, nbytes: int = 2) -> int:
+    "Bytes of the weights: all in `nbytes` each, or (qlora) block linears in NF4 + double quant."
+    if setup != 'qlora': return arch.n_params * nbytes
+    linears = [o * i for _, o, i in arch.linears()]
+    return (arch.layers * sum(nf4_dq_bytes(n) for n in linears)
+            + (arch.n_params - arch.layers * sum(linears)) * nbytes)
+
+# %% ../nbs/08_qlora.ipynb #6cc79f9c
+def training_memory(arch: Arch|str, # an `Arch` or a key of chapter 02's `ARCHS`
+                    setup: str = 'qlora', # 'full', 'lora' or 'qlora'
+                    r: int = 8, targets='all-linear', seq_len: int = 512, batch: int = 1,
+                    gradient_checkpointing: bool = True,
+                    optimizer: str = 'adamw', # 'adamw', 'adamw8bit' or 'paged_adamw8bit'
+                    nbytes: int = 2, # bytes of a weight that is not 4-bit (and of activations)
+                   ) -> dict[str, int]:
+    "Bytes of weights, adapters, gradients, optimizer state and activations for training `arch`."
+    if isinstance(arch, str):
+        if arch not in ARCHS: raise ValueError(f"arch {arch!r} is unknown; use one of {list(ARCHS)}"
+                                               " or an Arch")
+        arch = ARCHS[arch]
+    if not isinstance(arch, Arch): raise TypeError(f"arch must be an Arch or a name, got {arch!r}")
+    check_choice(setup, 'setup', SETUPS); check_choice(optimizer, 'optimizer', OPTIMIZERS)
+    check_int(r, 'r', 1); check_int(seq_len, 'seq_len', 1); check_int(batch, 'batch', 1)
+    check_choice(nbytes, 'nbytes', (2, 4))
+    numels = trained_numels(arch, setup, r, targets)
+    trained_bytes = nbytes if setup == 'full' else 4  # adapters are float32
+    parts = dict(weights=weight_bytes(arch, setup, nbytes),
+                 adapters=0 if setup == 'full' else 4 * sum(numels),
+                 gradients=trained_bytes * sum(numels),
+                 optimizer=adam_state_bytes(numels, trained_bytes, optimizer),
+                 activations=activation_bytes(arch, seq_len * batch, gradient_checkpointing,
+                                              nbytes))
+    return parts | dict(total=sum(parts.values()))

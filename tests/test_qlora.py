@@ -5,11 +5,12 @@ from torch import nn
 import bitsandbytes as bnb
 import peft
 import tiny_models
-from quantcourse.core import replace_linears
+from quantcourse.core import QuantizedLinear, replace_linears
 from quantcourse.nf4 import NF4Linear, same_bits
-from quantcourse.scales import QuantLinear
+from quantcourse.scales import QuantLinear, arch_from_config
 from quantcourse.qlora import (LoRALinear, add_lora, adapter_config, adapter_state_dict, block_linears, load_adapters,
-    lora_layers, lr_factor, match_targets, prepare_for_kbit_training, save_adapters, train_lora, trainable_parameters)
+    lora_layers, lr_factor, match_targets, prepare_for_kbit_training, save_adapters, train_lora, trainable_parameters,
+    float_weight, lora_delta, merge_lora, merged_linear, training_memory)
 
 R, ALPHA = 4, 8
 FORWARD_ATOL, GRAD_ATOL, LOSS_RTOL = 1e-5, 1e-6, 1e-5  # float32 rounding; bnb's CPU kernel dispatches on CPU features
@@ -156,3 +157,82 @@ def test_unfrozen_base_and_nan_loss():
     with pytest.raises(ValueError, match=r'at step \d'): train_lora(model, batches(), 3, lr=10.0, progress=False)
     with pytest.raises(ValueError, match='no trainable parameters'): train_lora(tiny_models.build('llama').requires_grad_(False), batches(), 2)
     with pytest.raises(ValueError, match='no LoRA adapters'): adapter_config(tiny_models.build('llama'))
+
+def random_adapters(model):
+    "Rank-R adapters on every block linear with a random B, so that the update is not zero."
+    add_lora(model, R, ALPHA)
+    with torch.no_grad():
+        for layer in lora_layers(model).values(): layer.lora_B.weight.normal_(std=0.05)
+    return model
+
+def test_merge_float_equals_base_plus_update():
+    model = random_adapters(tiny_models.build('llama'))
+    layer = model.model.layers[1].self_attn.o_proj
+    expected_weight = layer.base_layer.weight + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight
+    torch.testing.assert_close(merged_linear(layer).weight, expected_weight, rtol=0, atol=1e-6)
+    x = batches()[0]
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+        merge_lora(model)
+        assert lora_layers(model) == {} and type(model.model.layers[1].self_attn.o_proj) is nn.Linear
+        torch.testing.assert_close(model(input_ids=x).logits, before, rtol=0, atol=1e-4)
+
+@pytest.mark.parametrize('make', [lambda l: NF4Linear.from_linear(l, 64, 'nf4', True),
+                                  lambda l: QuantLinear.from_linear(l, 4, 32)], ids=['nf4_dq', 'int4'])
+def test_merge_requantizes_under_the_contract(make):
+    model = tiny_models.build('llama')
+    replace_linears(model, lambda n, l: make(l), tiny_models.block_linears(model, 'llama'))
+    random_adapters(model)
+    layer = model.model.layers[0].mlp.down_proj
+    base, merged = layer.base_layer, merged_linear(layer)
+    torch.testing.assert_close(merged.weight, float_weight(base) + lora_delta(layer), rtol=0, atol=0)
+    merge_lora(model)
+    new = model.model.layers[0].mlp.down_proj
+    assert type(new) is type(base) and new.config() == base.config() and new.bits_per_weight == base.bits_per_weight
+    assert torch.equal(float_weight(new), float_weight(make(merged)))
+    assert not torch.equal(float_weight(new), float_weight(base))
+
+def test_gptq_base_trains_bit_identical_and_merge_needs_calibration():
+    from quantcourse.api import quantize_model
+    model = tiny_models.build('llama')
+    quantize_model(model, 'gptq', calibration=batches(2, 2, 32, seed=1).view(4, 32), bits=4, group_size=32, progress=False)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    add_lora(prepare_for_kbit_training(model, gradient_checkpointing=False), R, ALPHA)
+    assert type(model.model.layers[0].self_attn.q_proj.base_layer).__name__ == 'GPTQLinear'
+    losses = train_lora(model, batches(), 4, lr=1e-2, progress=False)
+    assert losses[-1] < losses[0]
+    after = {k.replace('.base_layer', ''): v for k, v in model.state_dict().items() if 'lora_' not in k}
+    assert after.keys() == base.keys() and all(same_bits(after[k], base[k]) for k in base)
+    with pytest.raises(ValueError, match=re.escape('merge_lora(model, requantize=False)')): merge_lora(model)
+    merge_lora(model, requantize=False)
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+
+def test_training_memory_counts_real_tensors():
+    model = tiny_models.build('llama')
+    arch = arch_from_config(model.config)
+    size = lambda ts: sum(t.numel() * t.element_size() for t in ts)
+    for setup, optimizer in [('full', 'adamw'), ('lora', 'adamw'), ('qlora', 'adamw'), ('qlora', 'adamw8bit')]:
+        m = tiny_models.build('llama')
+        if setup == 'qlora':
+            replace_linears(m, lambda n, l: NF4Linear.from_linear(l, 64, 'nf4', True), tiny_models.block_linears(m, 'llama'))
+        if setup == 'full': m.requires_grad_(True)
+        else: add_lora(m, R, ALPHA, targets=['q_proj', 'down_proj'])
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params) if optimizer == 'adamw' else bnb.optim.AdamW8bit(params)
+        x = batches()[0]
+        m(input_ids=x, labels=x).loss.backward(); grads = size(p.grad for p in params); opt.step()
+        states = [v for s in opt.state.values() for k, v in s.items() if k in ('exp_avg', 'exp_avg_sq', 'state1', 'state2', 'absmax1', 'absmax2')]
+        buffers = [b for mod in m.modules() if isinstance(mod, QuantizedLinear) for n, b in mod.named_buffers(recurse=False) if n != 'qconfig']
+        counted = dict(weights=size(p for n, p in m.named_parameters() if 'lora_' not in n) + size(buffers),
+                       adapters=size(p for n, p in m.named_parameters() if 'lora_' in n), gradients=grads, optimizer=size(states))
+        formula = training_memory(arch, setup, R, ['q_proj', 'down_proj'], optimizer=optimizer, nbytes=4)
+        assert {k: formula[k] for k in counted} == counted, (setup, optimizer)
+
+def test_training_memory_bad_input():
+    for kwargs, error, words in [(dict(setup='qlora4'), ValueError, 'setup must be one of'),
+                                 (dict(optimizer='sgd'), ValueError, 'optimizer must be one of'),
+                                 (dict(targets=['qproj']), ValueError, "targets must be 'all-linear' or names"),
+                                 (dict(r=0), ValueError, 'r must be >= 1')]:
+        with pytest.raises(error, match=re.escape(words)): training_memory('Llama-3 8B', **kwargs)
+    with pytest.raises(ValueError, match='is unknown'): training_memory('Llama-9 1B')
+    with pytest.raises(TypeError, match='arch must be an Arch'): training_memory(3)
