@@ -3,10 +3,11 @@
 #   1. timing, the card to itself: each search (ours, llm-compressor's, llm-awq's) on the first 6 blocks of the
 #      course model at the full budget, one after another (--timing-blocks), after the float32 correctness check;
 #   2. quality, several workers sharing the card, each taking the next row no other has taken (--claims) and
-#      skipping the rows DONE already holds: two for llm-awq (46 GiB at most each at the full budget, 35% of the
+#      skipping the rows DONE already holds: two for llm-awq (47 GiB at most each at the full budget, 34% of the
 #      card each; they go on with ours when no llm-awq row is left), one for ours and llm-compressor's
-#      (25% of the card: our AWQ batches as many alphas per call as
-#      free memory takes, so unbounded it starves the others; llm-compressor needs 25 GiB). A worker that runs
+#      (32% of the card: our AWQ batches as many alphas per call as
+#      free memory takes, so unbounded it starves the others; it needs 43 GiB at least, 18 of them at once for
+#      the attention scores; llm-compressor needs 25 GiB). A worker that runs
 #      out of memory waits and tries again. The workers start in their own process sessions (setsid), so they go on after the call that
 #      started them returns, for as long as the machine is held; each writes its JSON after every row.
 # Usage (on the GPU machine, from the folder holding bench/, after bench/setup_gpu_machine.sh):
@@ -42,7 +43,7 @@ fi
   --only "AWQ" "AWQ + clip" "AWQ duo" "GPTQ act order, static groups" "AWQ then GPTQ" \
          "llm-compressor AWQ" "llm-awq (scale + clip)" > "$STATE/log-timing.txt" 2>&1
 tail -n 12 "$STATE/log-timing.txt" 2>/dev/null
-for spec in "L1 0.35 4 3" "L2 0.35 3 4" "O1 0.25 3 4"; do
+for spec in "L1 0.34 4 3" "L2 0.34 3 4" "O1 0.32 3 4"; do
   set -- $spec
   setsid nohup bash "$0" "$STATE" "$DONE" worker "$@" > "$STATE/log-$1.txt" 2>&1 < /dev/null &
   sleep 20  # not every model load at once
