@@ -19,12 +19,13 @@ __all__ = ['BUDGETS', 'MODEL_PACKAGE', 'MODEL_NAME', 'INSTALL_MODEL', 'NOVELS', 
           'EVALUATION_NOVEL', 'CALIBRATION_NOVELS', 'METHODS', 'course_root', 'cache_dir',
           'default_device', 'Budget', 'get_budget', 'bundled_gguf', 'load_model', 'text_dir',
           'fetch_text', 'unwrap', 'load_text', 'tokenize_text', 'eval_tokens',
-          'calibration_samples', 'token_nll', 'perplexity', 'naive_perplexity', 'linear_names',
-          'capture_inputs', 'replace_linears', 'model_size_bytes', 'check_int', 'check_number',
-          'check_choice', 'check_tensor', 'decoder_blocks', 'block_inputs', 'run_block',
-          'LinearGroup', 'linear_groups', 'QuantizedLinear', 'model_bits', 'dequantized_copy',
-          'Method', 'register_method', 'layer_classes', 'FrameSlider', 'generate', 'evaluate',
-          'results_dir', 'record_results', 'result_row']
+          'calibration_samples', 'token_nll', 'perplexity', 'naive_perplexity', 'window_logits',
+          'kl_to_reference', 'linear_names', 'capture_inputs', 'replace_linears',
+          'model_size_bytes', 'check_int', 'check_number', 'check_choice', 'check_tensor',
+          'decoder_blocks', 'block_inputs', 'run_block', 'LinearGroup', 'linear_groups',
+          'QuantizedLinear', 'model_bits', 'dequantized_copy', 'Method', 'register_method',
+          'layer_classes', 'FrameSlider', 'generate', 'evaluate', 'results_dir', 'record_results',
+          'result_row']
 
 # %% ../nbs/00_core.ipynb #8d910e71
 def course_root() -> Path|None:
@@ -306,6 +307,41 @@ def naive_perplexity(model, tokens: torch.Tensor, context: int = 512) -> float:
             logits = model(window[:t][None].to(device)).logits[0, -1].double()
             logprobs.append(torch.log_softmax(logits, -1)[window[t]].item())
     return math.exp(-sum(logprobs) / len(logprobs))
+
+# %% ../nbs/00_core.ipynb #25292f2a
+@torch.no_grad()
+def window_logits(model, tokens: torch.Tensor, context: int = 512) -> list[torch.Tensor]:
+    "`model`'s logits on each window of `tokens` that `perplexity` uses, one tensor per window."
+    _check_context(model, context)
+    device = next(model.parameters()).device
+    return [model(w[None].to(device)).logits[0] for w in _windows(tokens, context)]
+
+@torch.no_grad()
+def kl_to_reference(model, # a causal LM
+                    reference, # another with the same vocabulary, or its `window_logits`
+                    tokens: torch.Tensor, context: int = 512, batch_size: int = 8,
+                    progress: bool = True) -> dict:
+    "Mean KL divergence from `reference`'s next-token distribution to `model`'s, and perplexities."
+    from tqdm.auto import tqdm
+    _check_context(model, context)
+    windows, device = _windows(tokens, context), next(model.parameters()).device
+    sums = dict(kl=0.0, nll=0.0, reference_nll=0.0, same_top=0.0)
+    for i in tqdm(range(0, len(windows), batch_size), desc='KL', leave=False, disable=not progress):
+        group = windows[i:i+batch_size]
+        batch = torch.nn.utils.rnn.pad_sequence(group, batch_first=True).to(device)
+        theirs = (reference[i:i+batch_size] if isinstance(reference, list)
+                  else reference(batch).logits)
+        for q, p, target, w in zip(model(batch).logits, theirs, batch[:, 1:], group):
+            q, p = q[:len(w) - 1].double().log_softmax(-1), p[:len(w) - 1].double().log_softmax(-1)
+            target = target[:len(w) - 1, None]
+            sums['kl'] += (p.exp() * (p - q)).sum().item()
+            sums['nll'] -= q.gather(-1, target).sum().item()
+            sums['reference_nll'] -= p.gather(-1, target).sum().item()
+            sums['same_top'] += (q.argmax(-1) == p.argmax(-1)).sum().item()
+    n = sum(len(w) - 1 for w in windows)
+    return dict(kl=sums['kl'] / n, perplexity=math.exp(sums['nll'] / n),
+                reference_perplexity=math.exp(sums['reference_nll'] / n),
+                same_top=sums['same_top'] / n, tokens=n)
 
 # %% ../nbs/00_core.ipynb #68f22f7d
 def linear_names(model, include_head: bool = False) -> list[str]:

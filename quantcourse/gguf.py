@@ -46,7 +46,7 @@ __all__ = ['BLOCK_SIZE', 'QK_K', 'BLOCK_BYTES', 'BLOCK_WEIGHTS', 'TYPE_NAMES', '
           'mix_bits', 'permute_rows', 'stored_array', 'stored_values', 'gguf_tensors',
           'dequantized_model', 'llama_metadata', 'copy_fields', 'read_gguf', 'write_gguf',
           'llama_cpp_folder', 'build_llama_cpp', 'import_llama_cpp', 'open_llama', 'llama_logits',
-          'llama_greedy', 'llama_quantize', 'greedy_ids']
+          'llama_greedy', 'llama_quantize', 'greedy_ids', 'collect_importance']
 
 # %% ../nbs/06_gguf.ipynb #49d4f81c
 BLOCK_SIZE = 32  # weights per block in every legacy type
@@ -806,8 +806,9 @@ def llama_tensors(config) -> dict[str, tuple]:
     return tensors
 
 # %% ../nbs/06_gguf.ipynb #8b428342
-MIX_DEFAULTS = {'F32': 'F32', 'F16': 'F16', 'Q8_0': 'Q8_0', 'Q4_0': 'Q4_0', 'Q6_K': 'Q6_K',
-                'Q3_K_M': 'Q3_K', 'Q4_K_M': 'Q4_K', 'Q5_K_M': 'Q5_K'}  # file type -> default type
+MIX_DEFAULTS = {'F32': 'F32', 'F16': 'F16', 'Q8_0': 'Q8_0', 'Q4_0': 'Q4_0', 'Q4_1': 'Q4_1',
+                'Q5_0': 'Q5_0', 'Q5_1': 'Q5_1', 'Q6_K': 'Q6_K', 'Q2_K': 'Q2_K', 'Q3_K_M': 'Q3_K',
+                'Q4_K_M': 'Q4_K', 'Q5_K_M': 'Q5_K'}  # file type -> default type
 MIXES = tuple(MIX_DEFAULTS)
 FALLBACKS = {'Q2_K': 'Q4_0', 'Q3_K': 'Q4_0', 'Q4_K': 'Q5_0', 'Q5_K': 'Q5_1', 'Q6_K': 'Q8_0'}
 
@@ -826,7 +827,9 @@ def fallback_type(type_name: str, columns: int) -> str:
     return type_name if fits(type_name, columns) else 'F16'
 
 # %% ../nbs/06_gguf.ipynb #9521696e
-def chosen_type(name: str, columns: int, mix: str, n_layers: int, tied: bool) -> str:
+def chosen_type(name: str, columns: int, mix: str, n_layers: int, tied: bool,
+                n_gqa: int = 1, # query heads per key-value head
+               ) -> str:
     "llama.cpp's type for the 2-D weight `name` under `mix`, before the fallback for its rows."
     default = MIX_DEFAULTS[mix]
     if name == 'output.weight' or (tied and name == 'token_embd.weight'):
@@ -834,6 +837,9 @@ def chosen_type(name: str, columns: int, mix: str, n_layers: int, tied: bool) ->
     if name == 'token_embd.weight': return default
     layer = int(name.split('.')[1])  # attn_v's and ffn_down's counters: the layer index
     more, role = use_more_bits(layer, n_layers), name.split('.')[2]
+    if mix == 'Q2_K':
+        if role == 'attn_v': return 'Q4_K' if n_gqa >= 4 else 'Q3_K'
+        if role in ('ffn_down', 'attn_output'): return 'Q3_K'
     if mix == 'Q3_K_M':
         if role == 'attn_v': return 'Q5_K' if layer < 2 else 'Q4_K'
         if role == 'ffn_down': return 'Q5_K' if layer < n_layers // 16 else 'Q4_K'
@@ -849,11 +855,13 @@ def gguf_mix(tensors: dict, # GGUF name -> torch shape, as `llama_tensors` gives
     if mix not in MIX_DEFAULTS: raise ValueError(f"unknown mix {mix!r}; choose one of {MIXES}")
     n_layers = 1 + max(int(n.split('.')[1]) for n in tensors if n.startswith('blk.'))
     tied, types = 'output.weight' not in tensors, {}
+    q, v = tensors.get('blk.0.attn_q.weight'), tensors.get('blk.0.attn_v.weight')
+    n_gqa = q[0] // v[0] if q and v else 1
     for name, shape in tensors.items():
         if len(shape) < 2 or name.endswith('_norm.weight'): types[name] = 'F32'
         elif MIX_DEFAULTS[mix] in ('F32', 'F16'): types[name] = MIX_DEFAULTS[mix]
-        else: types[name] = fallback_type(chosen_type(name, shape[-1], mix, n_layers, tied),
-                                          shape[-1])
+        else: types[name] = fallback_type(chosen_type(name, shape[-1], mix, n_layers, tied,
+                                                      n_gqa), shape[-1])
     return types
 
 # %% ../nbs/06_gguf.ipynb #462892e7
@@ -875,19 +883,21 @@ def permute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     halves = weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
     return halves.transpose(1, 2).reshape(weight.shape)
 
-def stored_array(weight: torch.Tensor, type_name: str) -> np.ndarray:
+def stored_array(weight: torch.Tensor, type_name: str, importance=None) -> np.ndarray:
     "`weight` as a GGUF file stores it in `type_name`: float32, float16, or the blocks' bytes."
     if type_name == 'F32': return weight.float().numpy()
     if type_name == 'F16': return weight.half().numpy()
-    return quantize(weight.float(), type_name)
+    if type_name not in IMPORTANCE_QUANTIZERS: importance = None  # as llama.cpp's Q8_0 ignores it
+    return quantize(weight.float(), type_name, importance)
 
-def stored_values(weight: torch.Tensor, type_name: str) -> torch.Tensor:
+def stored_values(weight: torch.Tensor, type_name: str, importance=None) -> torch.Tensor:
     "The float32 values `weight` has once stored in `type_name` and read back."
     if type_name in ('F32', 'F16'): return torch.from_numpy(stored_array(weight, type_name)).float()
-    return dequantize(stored_array(weight, type_name), type_name, weight.shape)
+    return dequantize(stored_array(weight, type_name, importance), type_name, weight.shape)
 
 # %% ../nbs/06_gguf.ipynb #bede4130
-def gguf_tensors(model, mix: str) -> dict[str, tuple[np.ndarray, str]]:
+def gguf_tensors(model, mix: str, importance: dict|None = None, # GGUF name -> each column's
+                ) -> dict[str, tuple[np.ndarray, str]]:
     "GGUF name -> (stored array, type) of every tensor of a transformers Llama under `mix`."
     c, weights = model.config, {gguf_name(n): p.detach().float().cpu()
                                 for n, p in model.named_parameters()}
@@ -895,15 +905,17 @@ def gguf_tensors(model, mix: str) -> dict[str, tuple[np.ndarray, str]]:
     for name, w in weights.items():
         if '.attn_q.' in name: weights[name] = permute_rows(w, c.num_attention_heads)
         if '.attn_k.' in name: weights[name] = permute_rows(w, c.num_key_value_heads)
-    return {n: (stored_array(w, types[n]), types[n]) for n, w in weights.items()}
+    importance = importance or {}
+    return {n: (stored_array(w, types[n], importance.get(n)), types[n]) for n, w in weights.items()}
 
-def dequantized_model(model, mix: str):
+def dequantized_model(model, mix: str, importance: dict|None = None): # as `collect_importance` gives
     "A copy of `model` whose every weight holds the values `mix` stores for it."
     copy = deepcopy(model)
     types = gguf_mix({gguf_name(n): tuple(p.shape) for n, p in model.named_parameters()}, mix)
     with torch.no_grad():
         for n, p in copy.named_parameters():
-            p.copy_(stored_values(p.detach().float().cpu(), types[gguf_name(n)]))
+            name = gguf_name(n)
+            p.copy_(stored_values(p.detach().float().cpu(), types[name], (importance or {}).get(name)))
     return copy
 
 # %% ../nbs/06_gguf.ipynb #fcabbb7b
@@ -1029,3 +1041,24 @@ def greedy_ids(model, ids, n_tokens: int) -> list[int]:
     with torch.no_grad():
         for _ in range(n_tokens): out.append(int(model(torch.tensor([out])).logits[0, -1].argmax()))
     return out[len(ids):]
+
+# %% ../nbs/06_gguf.ipynb #340eab8d
+@torch.no_grad()
+def collect_importance(model, samples: torch.Tensor, # (n, seq_len) calibration token ids
+                       names: list[str]|None = None, # linear layers (default: every block's)
+                      ) -> dict[str, torch.Tensor]:
+    "llama.cpp's importance matrix: GGUF name -> the mean of x² per input column over `samples`."
+    modules, sums = dict(model.named_modules()), {}
+    names = names or [n for n, m in modules.items() if isinstance(m, nn.Linear) and '.layers.' in n]
+    def hook(name):
+        def add(module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            total, count = sums.get(name, (0.0, 0))
+            sums[name] = (total + (x * x).sum(0), count + len(x))
+        return add
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        for row in samples: model.get_decoder()(row[None].to(next(model.parameters()).device))
+    finally:
+        for handle in handles: handle.remove()
+    return {gguf_name(f'{n}.weight'): (total / count).cpu() for n, (total, count) in sums.items()}

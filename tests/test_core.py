@@ -81,3 +81,18 @@ def test_budget_switch(monkeypatch):
     assert get_budget().eval_tokens is None
     monkeypatch.setenv('QUANTCOURSE_BUDGET', 'tiny')
     with pytest.raises(ValueError, match='unknown'): get_budget()
+
+def test_kl_to_reference_is_zero_to_itself_and_matches_kl_div(course_model):
+    model, tok = course_model
+    tokens = eval_tokens(tok, 24)
+    same = core.kl_to_reference(model, model, tokens, context=12, progress=False)
+    assert (same['kl'], same['same_top'], same['tokens']) == (0.0, 1.0, 22)
+    assert math.isclose(same['perplexity'], perplexity(model, tokens, context=12, progress=False),
+                        rel_tol=1e-9)
+    noisy = copy.deepcopy(model)
+    with torch.no_grad(): noisy.model.layers[0].mlp.down_proj.weight.add_(0.05 * torch.randn(576, 1536))
+    kl = core.kl_to_reference(noisy, model, tokens, context=24, progress=False)['kl']
+    with torch.no_grad():
+        q, p = (m(tokens[None]).logits[0, :-1].double().log_softmax(-1) for m in (noisy, model))
+    expected = torch.nn.functional.kl_div(q, p, log_target=True, reduction='batchmean').item()
+    assert kl > 0 and math.isclose(kl, expected, rel_tol=1e-9)

@@ -332,6 +332,24 @@ def test_llama_model_quantize_gives_our_q4_k_m_bytes(tiny_files, tmp_path):
     for t in theirs.tensors:
         assert (t.tensor_type, t.data.tobytes()) == (ours[t.name].tensor_type, ours[t.name].data.tobytes()), t.name
 
+@pytest.mark.parametrize('mix', ['Q2_K', 'Q4_1', 'Q5_0', 'Q5_1', 'Q3_K_M'])
+def test_llama_model_quantize_gives_our_bytes_for_more_mixes(tmp_path, mix):
+    """Rows of 256 (every k-quant fits) and four query heads per key-value head (Q2_K's attn_v is Q4_K)."""
+    llama_cpp_or_skip()
+    torch.manual_seed(1)
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    source, ours = write_gguf(model, tmp_path/'f32.gguf', 'F32'), write_gguf(model, tmp_path/f'ours-{mix}.gguf', mix)
+    theirs = read_gguf(llama_quantize(source, tmp_path/f'llama-{mix}.gguf', mix))
+    ours = {t.name: t for t in read_gguf(ours).tensors}
+    assert sorted(ours) == sorted(t.name for t in theirs.tensors)
+    for t in theirs.tensors:
+        assert (t.tensor_type, t.data.tobytes()) == (ours[t.name].tensor_type, ours[t.name].data.tobytes()), t.name
+    if mix == 'Q2_K':
+        assert (ours['blk.0.attn_v.weight'].tensor_type.name, ours['blk.0.ffn_down.weight'].tensor_type.name,
+                ours['blk.0.attn_q.weight'].tensor_type.name) == ('Q4_K', 'Q3_K', 'Q2_K')
+
 def test_llama_cpp_computes_our_dequantized_model(tiny_llama, tiny_files):
     """F32: llama.cpp's logits within 1e-4 of ours (float32 key-value cache) and the same greedy tokens; Q4_K_M: its
     8-bit rounding of activations moves them by less than half of what the 4-bit weights themselves move them."""
@@ -353,3 +371,35 @@ def test_open_llama_closes_the_model_when_the_block_ends(tiny_files):
     llama_cpp_or_skip()
     with open_llama(tiny_files['F32'], n_ctx=64, n_threads=1) as llm: assert llm.n_vocab() > 0
     assert llm._model.model is None  # llama_model_free has run
+
+# llama.cpp's tests/test-quantize-fns.cpp: data 0.1 + 2 cos(i), n = 4096; its "rmse" is sqrt(sum d^2) / n
+QUANTIZE_FNS_THRESHOLDS = {'Q2_K': 0.0075, 'Q3_K': 0.0040}   # every other type: MAX_QUANTIZATION_TOTAL_ERROR = 0.002
+
+@pytest.mark.parametrize('type_name', TYPE_NAMES)
+def test_llama_cpp_test_quantize_fns_thresholds(type_name, c_reference):
+    x = torch.from_numpy((0.1 + 2.0 * np.cos(np.arange(4096, dtype=np.float32))).astype(np.float32)).view(1, -1)
+    back = dequantize(quantize(x, type_name), type_name, x.shape).double()
+    total_error = math.sqrt(((back - x.double()) ** 2).sum().item()) / x.numel()
+    assert total_error < QUANTIZE_FNS_THRESHOLDS.get(type_name, 0.002)
+    c_back = dequantize(reference_quantize(x.numpy(), type_name), type_name, x.shape).double()
+    assert math.sqrt(((back - c_back) ** 2).sum().item()) / x.numel() < 1e-4   # MAX_QUANTIZATION_REFERENCE_ERROR
+
+# the importance matrix: llama-imatrix's mean of x^2 per input column, handed to Q4_K/Q6_K by dequantized_model
+from quantcourse.gguf import collect_importance, stored_values
+
+def test_collect_importance_is_mean_square_input_and_reaches_the_k_quants(tiny_llama):
+    ids = torch.tensor([[1, 504, 3100, 281, 9, 42, 17000, 2], [5, 6, 7, 8, 9, 10, 11, 12]])
+    importance = collect_importance(tiny_llama, ids)
+    assert len(importance) == 4 * 7 and sum(len(m._forward_pre_hooks) for m in tiny_llama.modules()) == 0
+    inputs = []
+    handle = tiny_llama.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+    with torch.no_grad(): tiny_llama(ids)
+    handle.remove()
+    expected = (inputs[0].reshape(-1, 256) ** 2).mean(0)
+    assert torch.allclose(importance['blk.1.ffn_down.weight'], expected, rtol=1e-5, atol=0)
+    plain, weighted = dequantized_model(tiny_llama, 'Q4_K_M'), dequantized_model(tiny_llama, 'Q4_K_M', importance)
+    w = tiny_llama.model.layers[1].mlp.down_proj.weight.detach()   # Q4_K in layer 1 of 4
+    assert torch.equal(weighted.model.layers[1].mlp.down_proj.weight, stored_values(w, 'Q4_K', importance['blk.1.ffn_down.weight']))
+    assert not torch.equal(weighted.model.layers[1].mlp.down_proj.weight, plain.model.layers[1].mlp.down_proj.weight)
+    # the Q5_0 fallbacks (rows of 64) are quantized as without it
+    assert torch.equal(weighted.model.layers[1].self_attn.q_proj.weight, plain.model.layers[1].self_attn.q_proj.weight)
