@@ -908,14 +908,18 @@ def gguf_tensors(model, mix: str, importance: dict|None = None, # GGUF name -> e
     importance = importance or {}
     return {n: (stored_array(w, types[n], importance.get(n)), types[n]) for n, w in weights.items()}
 
-def dequantized_model(model, mix: str, importance: dict|None = None): # as `collect_importance` gives
+def dequantized_model(model, mix: str,
+                      importance: dict|None = None, # as `collect_importance` gives
+                     ):
     "A copy of `model` whose every weight holds the values `mix` stores for it."
     copy = deepcopy(model)
     types = gguf_mix({gguf_name(n): tuple(p.shape) for n, p in model.named_parameters()}, mix)
     with torch.no_grad():
         for n, p in copy.named_parameters():
             name = gguf_name(n)
-            p.copy_(stored_values(p.detach().float().cpu(), types[name], (importance or {}).get(name)))
+            weights = stored_values(p.detach().float().cpu(), types[name],
+                                    (importance or {}).get(name))
+            p.copy_(weights)
     return copy
 
 # %% ../nbs/06_gguf.ipynb #fcabbb7b
