@@ -94,16 +94,19 @@ class HQQWeight:
 
     @property
     def bits_per_weight(self) -> float:
-        return 8 * sum(t.numel() * t.element_size() for t in self.tensors().values()) / math.prod(self.shape)
+        stored = sum(t.numel() * t.element_size() for t in self.tensors().values())
+        return 8 * stored / math.prod(self.shape)
 
-    def config(self) -> dict: return dict(bits=self.bits, group_size=self.group_size, shape=list(self.shape))
+    def config(self) -> dict:
+        return dict(bits=self.bits, group_size=self.group_size, shape=list(self.shape))
 
     @classmethod
     def from_tensors(cls, tensors: dict, config: dict) -> HQQWeight:
         "The weight that `tensors()` and `config()` describe."
         shape = tuple(config['shape'])
         codes = unpack(tensors['qweight'], config['bits'], math.prod(shape)).view(shape)
-        return cls(codes, tensors['scale'], tensors['zero'], config['bits'], config['group_size'], shape)
+        return cls(codes, tensors['scale'], tensors['zero'], config['bits'], config['group_size'],
+                   shape)
 
 # %% ../nbs/11_below4.ipynb #d3eff08d
 def _half(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -115,7 +118,7 @@ def _half(x: torch.Tensor, name: str) -> torch.Tensor:
     return h
 
 def check_hqq(bits, group_size, in_features: int, p=0.7):
-    "Raise unless HQQ can use these settings: bits 2 to 8, an int group dividing in_features, p in (0, 1]."
+    "Raise unless HQQ can use these: bits 2 to 8, an int group dividing in_features, p in (0, 1]."
     check_bits(bits); check_int(group_size, 'group_size', 1)
     check_group_size(group_size, in_features); check_p(p)
 
@@ -134,7 +137,8 @@ def hqq_quantize(weight: torch.Tensor, # (out_features, in_features), floating p
     codes = torch.round(groups * s + z).clamp(0, 2**bits - 1).to(torch.uint8).reshape(weight.shape)
     rows = weight.shape[0]
     return HQQWeight(codes, _half(1 / s, 'scale').reshape(rows, -1),
-                     _half(z, 'zero-point').reshape(rows, -1), bits, group_size, tuple(weight.shape))
+                     _half(z, 'zero-point').reshape(rows, -1), bits, group_size,
+                     tuple(weight.shape))
 
 # %% ../nbs/11_below4.ipynb #31b2e833
 class HQQLinear(QuantizedLinear):
@@ -155,7 +159,8 @@ class HQQLinear(QuantizedLinear):
     @classmethod
     def from_weight(cls, q: HQQWeight, bias: torch.Tensor|None = None):
         "Wrap an `HQQWeight` (and a bias)."
-        layer = cls(q.shape[1], q.shape[0], q.bits, q.group_size, bias is not None).to(q.codes.device)
+        layer = cls(q.shape[1], q.shape[0], q.bits, q.group_size, bias is not None)
+        layer = layer.to(q.codes.device)
         for name, t in q.tensors().items(): getattr(layer, name).copy_(t)
         if bias is not None: layer.bias.copy_(bias.detach().float())
         return layer
@@ -164,23 +169,28 @@ class HQQLinear(QuantizedLinear):
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 64, p: float = 0.7,
                     iters: int = 20):
         "Quantize an `nn.Linear` with HQQ."
-        return cls.from_weight(hqq_quantize(linear.weight, bits, group_size, p, iters=iters), linear.bias)
+        quantized = hqq_quantize(linear.weight, bits, group_size, p, iters=iters)
+        return cls.from_weight(quantized, linear.bias)
 
     def settings(self) -> dict: return dict(bits=self.bits, group_size=self.group_size)
     def weight(self) -> HQQWeight:
         "The stored weight, unpacked."
         return HQQWeight.from_tensors(dict(qweight=self.qweight, scale=self.scale, zero=self.zero),
-                                      dict(self.settings(), shape=[self.out_features, self.in_features]))
+                                      dict(self.settings(),
+                                           shape=[self.out_features, self.in_features]))
     def compute(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight().dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight().dequantize(x.dtype), bias)
 
 # %% ../nbs/11_below4.ipynb #50ac7b7e
-def _hqq(linear: nn.Linear, statistics, bits: int, group_size: int, p: float, iters: int) -> HQQLinear:
+def _hqq(linear: nn.Linear, statistics, bits: int, group_size: int, p: float,
+         iters: int) -> HQQLinear:
     "HQQ needs no statistics of the inputs."
     return HQQLinear.from_linear(linear, bits, group_size, p, iters)
 
 register_method(Method('hqq', HQQLinear, dict(bits=4, group_size=64, p=0.7, iters=20), _hqq,
-                       doc='HQQ: min/max grid, zero-points by a half-quadratic lp solver; no calibration'))
+                       doc='HQQ: min/max grid, zero-points by a half-quadratic lp solver; '
+                           'no calibration'))
 
 # %% ../nbs/11_below4.ipynb #1b480be5
 def is_power_of_two(n: int) -> bool: return n > 0 and n & (n - 1) == 0
@@ -196,7 +206,8 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1]
     if not is_power_of_two(n):
         raise ValueError(f"fwht needs a power-of-two length in the last dimension, got {n}; split "
-                         f"it into blocks of hadamard_block({n}) = {hadamard_block(n) if n > 0 else 1}")
+                         f"it into blocks of hadamard_block({n}) = "
+                         f"{hadamard_block(n) if n > 0 else 1}")
     shape, h, x = x.shape, 1, x.reshape(-1, n)
     while h < n:
         x = x.view(-1, n // (2 * h), 2, h)
@@ -258,18 +269,21 @@ class RotatedWeight:
     def shape(self) -> tuple: return tuple(self.inner.shape)
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         "The weight in the original basis."
-        return coherent(self.inner.dequantize(torch.float32), self.out_signs, self.in_signs).to(dtype)
-    def tensors(self) -> dict: return dict(self.inner.tensors(), out_signs=self.out_signs, in_signs=self.in_signs)
+        weight = coherent(self.inner.dequantize(torch.float32), self.out_signs, self.in_signs)
+        return weight.to(dtype)
+    def tensors(self) -> dict:
+        return dict(self.inner.tensors(), out_signs=self.out_signs, in_signs=self.in_signs)
     @property
     def bits_per_weight(self) -> float:
-        return 8 * sum(t.numel() * t.element_size() for t in self.tensors().values()) / math.prod(self.shape)
+        stored = sum(t.numel() * t.element_size() for t in self.tensors().values())
+        return 8 * stored / math.prod(self.shape)
     def config(self) -> dict: return dict(self.inner.config(), rotated=True)
 
 # %% ../nbs/11_below4.ipynb #76bbd8db
 ROTATABLE = {'rtn': QuantLinear, 'hqq': HQQLinear}
 
 class RotatedLinear(QuantizedLinear):
-    "An `nn.Linear` quantized by `base` ('rtn' or 'hqq') after random Hadamard rotations of both sides."
+    "An `nn.Linear` quantized by `base` ('rtn', 'hqq') after random Hadamard rotations, both sides."
     method = 'rotated'
     def __init__(self, in_features: int, out_features: int, base: str = 'hqq', bits: int = 4,
                  group_size: int = 64, seed: int = 0, bias: bool = True):
@@ -308,11 +322,13 @@ class RotatedLinear(QuantizedLinear):
                 dict(qweight=self.qweight, scale=self.scale, qzeros=self.qzeros),
                 dict(bits=self.bits, group_size=self.group_size, symmetric=False, shape=shape))
         else:
-            inner = HQQWeight.from_tensors(dict(qweight=self.qweight, scale=self.scale, zero=self.zero),
-                                           dict(bits=self.bits, group_size=self.group_size, shape=shape))
+            tensors = dict(qweight=self.qweight, scale=self.scale, zero=self.zero)
+            inner = HQQWeight.from_tensors(tensors, dict(bits=self.bits, group_size=self.group_size,
+                                                         shape=shape))
         return RotatedWeight(inner, self.out_signs, self.in_signs)
     def compute(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight().dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight().dequantize(x.dtype), bias)
 
 # %% ../nbs/11_below4.ipynb #462dc025
 def _rotated(base: str):
@@ -321,16 +337,18 @@ def _rotated(base: str):
         return RotatedLinear.from_linear(linear, base, bits, group_size, seed, **options)
     return quantize
 
-register_method(Method('rtn_rot', RotatedLinear, dict(bits=4, group_size=64, seed=0), _rotated('rtn'),
+register_method(Method('rtn_rot', RotatedLinear, dict(bits=4, group_size=64, seed=0),
+                       _rotated('rtn'),
                        doc='round-to-nearest after random Hadamard rotations of both sides'))
-register_method(Method('hqq_rot', RotatedLinear, dict(bits=4, group_size=64, seed=0, p=0.7, iters=20),
+register_method(Method('hqq_rot', RotatedLinear,
+                       dict(bits=4, group_size=64, seed=0, p=0.7, iters=20),
                        _rotated('hqq'), doc='HQQ after random Hadamard rotations of both sides'))
 
 # %% ../nbs/11_below4.ipynb #39e71de5
 E2M1_VALUES = decode(torch.arange(16), FP4_E2M1).float()  # code -> value: 0..6, then -0..-6
 
 def e2m1_codes(x: torch.Tensor, # values in units of the block scale
-               ties: str = 'even', # 'even' (chapter 01) or 'down' (llama.cpp: the smaller magnitude)
+               ties: str = 'even', # 'even' (chapter 01), 'down' (llama.cpp: the smaller magnitude)
               ) -> torch.Tensor:
     "Nearest E2M1 code of each value (saturating at +-6), as uint8; -0 is written as +0."
     check_choice(ties, 'ties', ['even', 'down'])
@@ -345,7 +363,7 @@ def e2m1_codes(x: torch.Tensor, # values in units of the block scale
 MX_BLOCK, NV_BLOCK = 32, 16
 
 def e8m0_exponent(amax: torch.Tensor) -> torch.Tensor:
-    "The MX shared exponent floor(log2(amax)) - 2, biased by 127, as uint8 (0 for an all-zero block)."
+    "The MX shared exponent floor(log2(amax)) - 2, biased by 127, as uint8 (0: an all-zero block)."
     _, e = torch.frexp(amax.float())  # amax = m * 2**e, m in [0.5, 1): floor(log2 amax) = e - 1
     return torch.where(amax > 0, e - 1 - 2 + 127, 0).clamp(0, 254).to(torch.uint8)
 
@@ -356,7 +374,8 @@ def e8m0_scale(e: torch.Tensor) -> torch.Tensor:
 def _check_blocks(weight, block: int):
     check_tensor(weight, 'weight')
     if weight.shape[-1] % block:
-        raise ValueError(f"in_features={weight.shape[-1]} must be a multiple of the block size {block}")
+        raise ValueError(f"in_features={weight.shape[-1]} must be a multiple of the block size "
+                         f"{block}")
 
 # %% ../nbs/11_below4.ipynb #e74c54ab
 def mxfp4_blocks(weight: torch.Tensor, # (out_features, in_features), in_features a multiple of 32
@@ -402,16 +421,18 @@ class NVFP4Weight:
         scale = decode(self.block_scale, FP8_E4M3).float().to(codes.device) * self.tensor_scale
         return (E2M1_VALUES.to(codes.device)[codes] * scale[:, None]).reshape(self.shape).to(dtype)
     def tensors(self) -> dict:
-        return dict(qweight=self.qweight, block_scale=self.block_scale, tensor_scale=self.tensor_scale)
+        return dict(qweight=self.qweight, block_scale=self.block_scale,
+                    tensor_scale=self.tensor_scale)
     @property
     def bits_per_weight(self) -> float:
-        return 8 * sum(t.numel() * t.element_size() for t in self.tensors().values()) / math.prod(self.shape)
+        stored = sum(t.numel() * t.element_size() for t in self.tensors().values())
+        return 8 * stored / math.prod(self.shape)
     def config(self) -> dict: return dict(fmt='nvfp4', shape=list(self.shape))
 
 # %% ../nbs/11_below4.ipynb #ec03d4c0
 def nvfp4_quantize(weight: torch.Tensor, # (out_features, in_features), in_features a multiple of 16
                   ) -> NVFP4Weight:
-    "NVFP4: the tensor scale maps the largest weight to 6 x 448; each block's E4M3 scale its own max."
+    "NVFP4: the tensor scale maps the largest weight to 6 x 448, each block's E4M3 scale its max."
     _check_blocks(weight, NV_BLOCK)
     blocks = weight.detach().float().reshape(-1, NV_BLOCK)
     amax = blocks.abs().amax()
@@ -425,16 +446,18 @@ def nvfp4_quantize(weight: torch.Tensor, # (out_features, in_features), in_featu
 FP4_FORMATS = {'mxfp4': MX_BLOCK, 'nvfp4': NV_BLOCK}
 
 class FP4Linear(QuantizedLinear):
-    "An `nn.Linear` whose weight is MXFP4 or NVFP4: E2M1 codes with block scales (and a tensor scale)."
+    "An `nn.Linear` whose weight is MXFP4 or NVFP4: E2M1 codes, block scales (and a tensor scale)."
     method = 'mxfp4'
     def __init__(self, in_features: int, out_features: int, fmt: str = 'mxfp4', bias: bool = True):
         super().__init__(in_features, out_features, bias)
         check_choice(fmt, 'fmt', list(FP4_FORMATS))
         block, n, shape = FP4_FORMATS[fmt], in_features * out_features, (out_features, in_features)
         if in_features % block:
-            raise ValueError(f"{fmt} needs in_features to be a multiple of {block}, got {in_features}")
+            raise ValueError(f"{fmt} needs in_features to be a multiple of {block}, "
+                             f"got {in_features}")
         self.fmt = fmt
-        empty = (MXFP4Weight(torch.zeros(n // block, 17, dtype=torch.uint8), shape) if fmt == 'mxfp4'
+        empty = (MXFP4Weight(torch.zeros(n // block, 17, dtype=torch.uint8), shape)
+                 if fmt == 'mxfp4'
                  else NVFP4Weight(torch.zeros(n // 2, dtype=torch.uint8),
                                   torch.zeros(n // block, dtype=torch.uint8), torch.ones(1), shape))
         for name, t in empty.tensors().items(): self.register_buffer(name, t)
@@ -458,7 +481,8 @@ class FP4Linear(QuantizedLinear):
         if self.fmt == 'mxfp4': return MXFP4Weight(self.blocks, shape)
         return NVFP4Weight(self.qweight, self.block_scale, self.tensor_scale, shape)
     def compute(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight().dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight().dequantize(x.dtype), bias)
 
 # %% ../nbs/11_below4.ipynb #63bfe9c2
 def _fp4(linear: nn.Linear, statistics, fmt: str) -> FP4Linear:
@@ -467,4 +491,5 @@ def _fp4(linear: nn.Linear, statistics, fmt: str) -> FP4Linear:
 
 for _fmt, _block in FP4_FORMATS.items():
     register_method(Method(_fmt, FP4Linear, dict(fmt=_fmt), _fp4,
-                           doc=f'{_fmt.upper()}: E2M1 codes in blocks of {_block} with shared scales'))
+                           doc=f'{_fmt.upper()}: E2M1 codes in blocks of {_block} with shared '
+                               'scales'))
