@@ -16,7 +16,8 @@ from torch import nn
 from .core import (METHODS, QuantizedLinear, decoder_blocks, block_inputs, run_block,
                               linear_groups,
                               linear_names, layer_classes, load_model)
-from . import scales, outliers, gptq, awq, gguf, nf4  # importing a method's module registers it
+# importing a method's module registers it
+from . import scales, outliers, gptq, awq, gguf, nf4, below4
 
 # %% auto #0
 __all__ = ['QuantReport', 'quantize_model', 'save_quantized', 'load_quantized', 'to_ct_codes',

@@ -25,7 +25,7 @@ def linear_and_inputs(in_features=128, out_features=48, bias=True, seed=0):
 METHOD_NAMES = sorted(METHODS)
 
 def test_every_layer_class_is_registered():
-    assert set(layer_classes()) == {'rtn', 'gptq', 'nf4', 'w8a8', 'llm_int8', 'gguf'}
+    assert set(layer_classes()) == {'rtn', 'gptq', 'nf4', 'w8a8', 'llm_int8', 'gguf', 'hqq', 'rotated', 'mxfp4'}
     assert all(issubclass(c, QuantizedLinear) for c in layer_classes().values())
 
 @pytest.mark.parametrize('method', METHOD_NAMES)
@@ -80,6 +80,7 @@ def test_from_linear_and_from_config(method, tmp_path):
 OTHER_SETTINGS = {'rtn': dict(bits=3), 'gptq': dict(bits=3), 'nf4': dict(quant_type='fp4'), 'fp4': dict(quant_type='nf4'),
                   'w8a8': dict(granularity='tensor'), 'llm_int8': dict(threshold=None), 'smoothquant': dict(granularity='tensor'),
                   'awq': dict(bits=3), 'awq_gptq': dict(bits=3),
+                  'hqq': dict(bits=3), 'rtn_rot': dict(bits=3), 'hqq_rot': dict(bits=3), 'mxfp4': dict(fmt='nvfp4'), 'nvfp4': dict(fmt='mxfp4'),
                   **{f'gguf_{t}': dict(type_name='Q8_0' if t != 'q8_0' else 'Q4_0') for t in ('q4_0', 'q4_1', 'q5_0', 'q5_1', 'q8_0')}}
 
 @pytest.mark.parametrize('method', METHOD_NAMES)
