@@ -14,7 +14,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from .core import (check_int, check_number, check_choice, check_tensor, QuantizedLinear,
-                              Method, register_method)
+                              Method, register_method, stored_bits)
 from .formats import FP4_E2M1, FP8_E4M3, encode, decode
 from .scales import (check_bits, check_group_size, pack, unpack, quantize_weight,
                                 QuantizedWeight, QuantLinear)
@@ -94,8 +94,7 @@ class HQQWeight:
 
     @property
     def bits_per_weight(self) -> float:
-        stored = sum(t.numel() * t.element_size() for t in self.tensors().values())
-        return 8 * stored / math.prod(self.shape)
+        return stored_bits(self.tensors(), math.prod(self.shape))
 
     def config(self) -> dict:
         return dict(bits=self.bits, group_size=self.group_size, shape=list(self.shape))
@@ -178,9 +177,6 @@ class HQQLinear(QuantizedLinear):
         return HQQWeight.from_tensors(dict(qweight=self.qweight, scale=self.scale, zero=self.zero),
                                       dict(self.settings(),
                                            shape=[self.out_features, self.in_features]))
-    def compute(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight().dequantize(x.dtype), bias)
 
 # %% ../nbs/11_below4.ipynb #50ac7b7e
 def _hqq(linear: nn.Linear, statistics, bits: int, group_size: int, p: float,
@@ -275,8 +271,7 @@ class RotatedWeight:
         return dict(self.inner.tensors(), out_signs=self.out_signs, in_signs=self.in_signs)
     @property
     def bits_per_weight(self) -> float:
-        stored = sum(t.numel() * t.element_size() for t in self.tensors().values())
-        return 8 * stored / math.prod(self.shape)
+        return stored_bits(self.tensors(), math.prod(self.shape))
     def config(self) -> dict: return dict(self.inner.config(), rotated=True)
 
 # %% ../nbs/11_below4.ipynb #76bbd8db
@@ -326,9 +321,6 @@ class RotatedLinear(QuantizedLinear):
             inner = HQQWeight.from_tensors(tensors, dict(bits=self.bits, group_size=self.group_size,
                                                          shape=shape))
         return RotatedWeight(inner, self.out_signs, self.in_signs)
-    def compute(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight().dequantize(x.dtype), bias)
 
 # %% ../nbs/11_below4.ipynb #462dc025
 def _rotated(base: str):
@@ -425,8 +417,7 @@ class NVFP4Weight:
                     tensor_scale=self.tensor_scale)
     @property
     def bits_per_weight(self) -> float:
-        stored = sum(t.numel() * t.element_size() for t in self.tensors().values())
-        return 8 * stored / math.prod(self.shape)
+        return stored_bits(self.tensors(), math.prod(self.shape))
     def config(self) -> dict: return dict(fmt='nvfp4', shape=list(self.shape))
 
 # %% ../nbs/11_below4.ipynb #ec03d4c0
@@ -480,9 +471,6 @@ class FP4Linear(QuantizedLinear):
         shape = (self.out_features, self.in_features)
         if self.fmt == 'mxfp4': return MXFP4Weight(self.blocks, shape)
         return NVFP4Weight(self.qweight, self.block_scale, self.tensor_scale, shape)
-    def compute(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight().dequantize(x.dtype), bias)
 
 # %% ../nbs/11_below4.ipynb #63bfe9c2
 def _fp4(linear: nn.Linear, statistics, fmt: str) -> FP4Linear:

@@ -23,9 +23,9 @@ __all__ = ['BUDGETS', 'MODEL_PACKAGE', 'MODEL_NAME', 'INSTALL_MODEL', 'NOVELS', 
           'kl_to_reference', 'linear_names', 'capture_inputs', 'replace_linears',
           'model_size_bytes', 'check_int', 'check_number', 'check_choice', 'check_tensor',
           'decoder_blocks', 'block_inputs', 'run_block', 'LinearGroup', 'linear_groups',
-          'QuantizedLinear', 'model_bits', 'dequantized_copy', 'Method', 'register_method',
-          'layer_classes', 'FrameSlider', 'generate', 'evaluate', 'results_dir', 'record_results',
-          'result_row']
+          'QuantizedLinear', 'stored_bits', 'model_bits', 'dequantized_copy', 'Method',
+          'register_method', 'layer_classes', 'FrameSlider', 'generate', 'evaluate', 'results_dir',
+          'record_results', 'result_row']
 
 # %% ../nbs/00_core.ipynb #8d910e71
 def course_root() -> Path|None:
@@ -540,8 +540,10 @@ class QuantizedLinear(nn.Module):
 
     def settings(self) -> dict: raise NotImplementedError  # the method's own settings, JSON-able
     def weight(self): raise NotImplementedError            # the weight object
-    # x: (..., in_features), not empty
-    def compute(self, x: torch.Tensor) -> torch.Tensor: raise NotImplementedError
+    def compute(self, x: torch.Tensor) -> torch.Tensor: # (..., in_features), not empty
+        "`F.linear` with the dequantized `weight()`; layers with kernels of their own override it."
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight().dequantize(x.dtype), bias)
 
     def config(self) -> dict:
         "All that rebuilds an empty layer like this one: the method, shape, bias and settings."
@@ -584,6 +586,10 @@ class QuantizedLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 # %% ../nbs/00_core.ipynb #142029e1
+def stored_bits(tensors: dict, weights: int) -> float:
+    "Bits per weight of everything in `tensors` (name -> stored tensor), over `weights` weights."
+    return 8 * sum(t.numel() * t.element_size() for t in tensors.values()) / weights
+
 def model_bits(model) -> float:
     "Stored bits per weight over the quantized linear layers of `model`, weighted by their sizes."
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]

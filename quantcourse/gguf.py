@@ -756,10 +756,6 @@ class GGUFLinear(QuantizedLinear):
         "The stored weight (sharing the buffer)."
         return GGUFWeight(self.data, self.type_name, (self.out_features, self.in_features))
 
-    def compute(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight().dequantize(x.dtype),
-                        None if self.bias is None else self.bias.to(x.dtype))
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"type_name={self.type_name!r}, bias={self.bias is not None}")

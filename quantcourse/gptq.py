@@ -12,7 +12,7 @@ import json, math, warnings
 from dataclasses import dataclass
 import torch
 from torch import nn
-from .core import linear_names, check_tensor, Method, register_method
+from .core import linear_names, check_tensor, Method, register_method, stored_bits
 from .scales import (qrange, scale_zero, fake_quantize, QuantizedWeight, QuantLinear,
                                 check_bits, check_group_size)
 
@@ -83,8 +83,7 @@ class GPTQWeight:
     @property
     def bits_per_weight(self) -> float:
         "Stored bits per weight: codes, scales, zero-points, if permuted a 16-bit index per column."
-        return 8 * sum(t.numel() * t.element_size()
-                       for t in self.tensors().values()) / math.prod(self.quantized.shape)
+        return stored_bits(self.tensors(), math.prod(self.quantized.shape))
 
     def config(self) -> dict: return dict(self.quantized.config(), permuted=self.perm is not None)
 

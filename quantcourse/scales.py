@@ -304,10 +304,6 @@ class QuantLinear(QuantizedLinear):
                                                           shape=[self.out_features,
                                                                  self.in_features]))
 
-    def compute(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight().dequantize(x.dtype),
-                        None if self.bias is None else self.bias.to(x.dtype))
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.bits}, group_size={self.group_size!r}, symmetric={self.symmetric}, "
