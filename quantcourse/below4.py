@@ -14,18 +14,19 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from .core import (check_int, check_number, check_choice, check_tensor, QuantizedLinear,
-                              Method, register_method, stored_bits)
+                              Method, register_method, stored_bits, decoder_blocks)
 from .formats import FP4_E2M1, FP8_E4M3, encode, decode
 from .scales import (check_bits, check_group_size, pack, unpack, quantize_weight,
-                                QuantizedWeight, QuantLinear)
+                                fake_quantize, QuantizedWeight, QuantLinear)
 from .nf4 import pack_nibbles, unpack_nibbles
 
 # %% auto #0
-__all__ = ['ROTATABLE', 'E2M1_VALUES', 'MX_BLOCK', 'NV_BLOCK', 'E4M3_MAX', 'E2M1_MAX',
-          'FP4_FORMATS', 'check_p', 'shrink_lp', 'minmax_init', 'hqq_zero', 'HQQWeight',
+__all__ = ['ROTATABLE', 'RESIDUAL_PARTS', 'E2M1_VALUES', 'MX_BLOCK', 'NV_BLOCK', 'E4M3_MAX',
+          'E2M1_MAX', 'FP4_FORMATS', 'check_p', 'shrink_lp', 'minmax_init', 'hqq_zero', 'HQQWeight',
           'check_hqq', 'hqq_quantize', 'HQQLinear', 'is_power_of_two', 'hadamard_block', 'fwht',
           'sylvester', 'random_signs', 'rotate', 'unrotate', 'incoherent', 'coherent', 'kurtosis',
-          'RotatedWeight', 'RotatedLinear', 'e2m1_codes', 'e8m0_exponent', 'e8m0_scale',
+          'RotatedWeight', 'RotatedLinear', 'is_plain_rms_norm', 'residual_parts', 'fuse_norms',
+          'rotate_residual', 'W4A4Linear', 'e2m1_codes', 'e8m0_exponent', 'e8m0_scale',
           'mxfp4_blocks', 'MXFP4Weight', 'NVFP4Weight', 'nvfp4_quantize', 'FP4Linear']
 
 # %% ../nbs/11_below4.ipynb #0554b6c0
@@ -335,6 +336,145 @@ register_method(Method('rtn_rot', RotatedLinear, dict(bits=4, group_size=64, see
 register_method(Method('hqq_rot', RotatedLinear,
                        dict(bits=4, group_size=64, seed=0, p=0.7, iters=20),
                        _rotated('hqq'), doc='HQQ after random Hadamard rotations of both sides'))
+
+# %% ../nbs/11_below4.ipynb #64cf672c
+def is_plain_rms_norm(norm: nn.Module) -> bool:
+    "True if `norm(x)` is x / rms(x) times its weight (Llama's RMSNorm; not Gemma's 1 + weight)."
+    weight = getattr(norm, 'weight', None)
+    eps = getattr(norm, 'variance_epsilon', getattr(norm, 'eps', None))
+    if weight is None or weight.ndim != 1 or getattr(norm, 'bias', None) is not None or eps is None:
+        return False
+    x = torch.randn(3, weight.numel(), generator=torch.Generator().manual_seed(0)).to(weight)
+    with torch.no_grad(): out = norm(x)
+    expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    return torch.allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+RESIDUAL_PARTS = ('input_layernorm', 'post_attention_layernorm', 'self_attn.q_proj',
+                  'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj', 'mlp.gate_proj',
+                  'mlp.up_proj', 'mlp.down_proj')
+
+def residual_parts(model) -> tuple:
+    "The embedding, blocks, final norm and output head of a Llama-style decoder, checked."
+    try: _, blocks = decoder_blocks(model)
+    except ValueError as error:
+        raise ValueError(f"rotate_residual needs a Llama-style decoder: {error}") from None
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    norm = getattr(getattr(model, 'model', None), 'norm', None)
+    found = lambda b, n: isinstance(dict(b.named_modules()).get(n), nn.Module)
+    complete = all(found(b, n) for b in blocks for n in RESIDUAL_PARTS)
+    norms = [norm] + ([n for b in blocks for n in (b.input_layernorm, b.post_attention_layernorm)]
+                      if complete else [])
+    extra = any('norm' in n.lower() and n not in RESIDUAL_PARTS[:2]
+                for b in blocks for n, _ in b.named_modules() if n)
+    if (head is None or norm is None or not complete or extra
+            or not all(is_plain_rms_norm(n) for n in norms)):
+        raise ValueError(f"rotate_residual needs a Llama-style decoder (plain RMSNorms, separate"
+                         f" q/k/v/o and gate/up/down projections); {type(model).__name__} is not"
+                         " one")
+    return embedding, blocks, norm, head
+
+# %% ../nbs/11_below4.ipynb #2e8442cb
+@torch.no_grad()
+def fuse_norms(model):
+    "Fold every RMSNorm's weight into the linears that read it (in place; the norms keep ones)."
+    embedding, blocks, norm, head = residual_parts(model)
+    if head.weight is embedding.weight:  # tied: the head gets a copy, which the final norm changes
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    def fold(norm, linears):
+        for linear in linears: linear.weight.mul_(norm.weight.to(linear.weight.dtype))
+        norm.weight.fill_(1.0)
+    for b in blocks:
+        attention, mlp = b.self_attn, b.mlp
+        fold(b.input_layernorm, [attention.q_proj, attention.k_proj, attention.v_proj])
+        fold(b.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+    fold(norm, [head])
+    return model
+
+# %% ../nbs/11_below4.ipynb #0be96f57
+def _set_weight(linear: nn.Module, weight: torch.Tensor):
+    "Copy `weight` into `linear.weight` in its dtype."
+    linear.weight.copy_(weight.to(linear.weight.dtype))
+
+@torch.no_grad()
+def rotate_residual(model, seed: int = 0):
+    "QuaRot's folded rotations, in place: norms fused, residual stream and value heads rotated."
+    check_int(seed, 'seed', 0)
+    embedding, blocks, norm, head = residual_parts(fuse_norms(model))
+    d = embedding.weight.shape[1]; block, signs = hadamard_block(d), random_signs(d, seed)
+    reads = lambda W: rotate(W.float(), signs, block)        # W Q: reads the stream
+    writes = lambda W: rotate(W.float().T, signs, block).T   # Q^T W: adds to it
+    head_dim = getattr(model.config, 'head_dim', None) or d // model.config.num_attention_heads
+    per_head = lambda W: rotate(W, random_signs(head_dim, seed + 1), hadamard_block(head_dim))
+    embedding.weight.copy_(reads(embedding.weight).to(embedding.weight.dtype))
+    for b in blocks:
+        a, m = b.self_attn, b.mlp
+        for linear in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+            _set_weight(linear, reads(linear.weight))
+        for linear in (a.o_proj, m.down_proj):
+            _set_weight(linear, writes(linear.weight))
+            if linear.bias is not None: linear.bias.copy_(rotate(linear.bias, signs, block))
+        v = a.v_proj.weight.float().reshape(-1, head_dim, d).transpose(1, 2)  # (heads, d, head_dim)
+        _set_weight(a.v_proj, per_head(v).transpose(1, 2).reshape(-1, d))     # v_h -> v_h Q_h
+        if a.v_proj.bias is not None:
+            a.v_proj.bias.copy_(per_head(a.v_proj.bias.reshape(-1, head_dim)).reshape(-1))
+        _set_weight(a.o_proj, per_head(a.o_proj.weight.float().reshape(d, -1, head_dim))
+                    .reshape(d, -1))                                         # o's columns by Q_h
+    _set_weight(head, reads(head.weight))
+    return model
+
+# %% ../nbs/11_below4.ipynb #98b7f172
+class W4A4Linear(QuantLinear):
+    "Weight codes per row and each token's input rounded to `act_bits` (symmetric), simulated."
+    method, weight_only = 'w4a4', False
+    def __init__(self, in_features: int, out_features: int, bits: int = 4, act_bits: int = 4,
+                 rotate_input: bool = False, seed: int = 0, bias: bool = True):
+        check_bits(act_bits, 'act_bits'); check_int(seed, 'seed', 0)
+        if not isinstance(rotate_input, bool):
+            raise TypeError(f"rotate_input must be True or False, got {rotate_input!r}")
+        self.act_bits, self.rotate_input, self.seed = act_bits, rotate_input, seed
+        super().__init__(in_features, out_features, bits, 'channel', True, bias)
+        if rotate_input: self.register_buffer('in_signs', random_signs(in_features, seed))
+        self._seal()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, act_bits: int = 4,
+                    rotate_input: bool = False, seed: int = 0):
+        "Round `linear`'s weight (times R if `rotate_input`) per row."
+        layer = cls(linear.in_features, linear.out_features, bits, act_bits, rotate_input, seed,
+                    linear.bias is not None).to(linear.weight.device)
+        W = linear.weight.detach().float()
+        if rotate_input: W = rotate(W, layer.in_signs, hadamard_block(W.shape[1]))
+        for name, t in quantize_weight(W, bits, 'channel', True).tensors().items():
+            getattr(layer, name).copy_(t)
+        if linear.bias is not None: layer.bias.copy_(linear.bias.detach().float())
+        return layer
+
+    def settings(self) -> dict:
+        return dict(bits=self.bits, act_bits=self.act_bits, rotate_input=self.rotate_input,
+                    seed=self.seed)
+    def weight(self) -> QuantizedWeight:
+        "The stored codes per row: of W, or of W R with `rotate_input`."
+        return QuantizedWeight.from_tensors(
+            dict(qweight=self.qweight, scale=self.scale),
+            dict(bits=self.bits, group_size='channel', symmetric=True,
+                 shape=[self.out_features, self.in_features]))
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        if self.rotate_input: rows = rotate(rows, self.in_signs, hadamard_block(self.in_features))
+        rows = fake_quantize(rows, self.act_bits, 'channel', True)  # one scale per token
+        bias = None if self.bias is None else self.bias.float()
+        y = F.linear(rows, self.weight().dequantize(torch.float32), bias)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+def _w4a4(linear: nn.Linear, statistics, **settings) -> W4A4Linear:
+    "W4A4 needs no statistics: the activation scales are each token's own."
+    return W4A4Linear.from_linear(linear, **settings)
+
+register_method(Method('w4a4', W4A4Linear,
+                       dict(bits=4, act_bits=4, rotate_input=False, seed=0), _w4a4,
+                       doc='4-bit weights (per row) and 4-bit activations (per token), simulated;'
+                           ' rotate_input: an online Hadamard first'))
 
 # %% ../nbs/11_below4.ipynb #39e71de5
 E2M1_VALUES = decode(torch.arange(16), FP4_E2M1).float()  # code -> value: 0..6, then -0..-6

@@ -188,3 +188,86 @@ def test_fp4_bad_input():
     with pytest.raises(ValueError, match='multiple of 16'): FP4Linear(40, 8, 'nvfp4')
     with pytest.raises(ValueError, match='fmt must be one of'): FP4Linear(64, 8, 'mxfp6')
     with pytest.raises(ValueError, match='ties must be one of'): e2m1_codes(torch.ones(3), 'nearest')
+
+
+# --- QuaRot's folded rotations of the residual stream -----------------------------------------------
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import build, calibration  # noqa: E402
+
+
+@pytest.mark.parametrize('arch', ['llama', 'qwen2', 'mistral'])
+@pytest.mark.parametrize('tied', [False, True])
+def test_rotate_residual_keeps_the_logits(arch, tied):
+    "Norms fused, residual stream and value heads rotated: the same logits, other weights, untied head."
+    import copy
+    model = build(arch)
+    if tied:
+        model.lm_head.weight = model.get_input_embeddings().weight
+        model.config.tie_word_embeddings = True
+    ids = calibration(2, 16)
+    with torch.no_grad(): before = model(ids).logits
+    rotated = rotate_residual(copy.deepcopy(model), seed=5)
+    with torch.no_grad(): after = rotated(ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert rotated.lm_head.weight is not rotated.get_input_embeddings().weight
+    layer = rotated.model.layers[0]
+    assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
+    assert not torch.allclose(layer.self_attn.v_proj.weight, model.model.layers[0].self_attn.v_proj.weight)
+
+
+def test_fuse_norms_alone_keeps_the_logits():
+    import copy
+    model = build('llama'); ids = calibration(2, 16)
+    with torch.no_grad(): torch.testing.assert_close(fuse_norms(copy.deepcopy(model))(ids).logits,
+                                                     model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('arch', ['gemma3', 'phi3', 'opt', 'gpt_neox'])
+def test_rotate_residual_refuses_other_architectures(arch):
+    "Gemma's 1 + weight norms and extra norms, fused projections, LayerNorms: a clear error, nothing changed."
+    model = build(arch)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match='rotate_residual needs a Llama-style decoder'):
+        rotate_residual(model)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_is_plain_rms_norm():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    norm = LlamaRMSNorm(8); norm.weight.data.uniform_(0.5, 2)
+    assert is_plain_rms_norm(norm)
+    assert not is_plain_rms_norm(nn.LayerNorm(8))
+    with pytest.raises(ValueError, match='seed'): rotate_residual(build('llama'), seed=-1)
+
+
+# --- W4A4 -------------------------------------------------------------------------------------------
+def test_w4a4_is_its_definition():
+    "Each token's input and each weight row rounded symmetric to 4 bits, then a float product."
+    import torch.nn.functional as F
+    from quantcourse.scales import fake_quantize
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 16); x = torch.randn(3, 5, 128)
+    expected = F.linear(fake_quantize(x.reshape(-1, 128), 4, 'channel', True),
+                        fake_quantize(linear.weight.detach(), 4, 'channel', True), linear.bias)
+    torch.testing.assert_close(W4A4Linear.from_linear(linear)(x), expected.reshape(3, 5, 16),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_w4a4_online_rotation_computes_the_same_product_before_rounding():
+    "With rotate_input, (xR)(WR)^T = xW^T: at 8 bits both layers are within rounding of the float one."
+    torch.manual_seed(1)
+    linear = nn.Linear(192, 24); x = torch.randn(7, 192)
+    x[:, 5] *= 50  # an outlier channel: per-token 4-bit rounding suffers, the rotation spreads it
+    errors = {}
+    for rotate_input in (False, True):
+        layer = W4A4Linear.from_linear(linear, bits=8, act_bits=4, rotate_input=rotate_input)
+        errors[rotate_input] = ((layer(x) - linear(x)).norm() / linear(x).norm()).item()
+    assert errors[True] < errors[False] / 2, errors
+    exact = W4A4Linear.from_linear(linear, bits=8, act_bits=8, rotate_input=True)
+    torch.testing.assert_close(exact(x), linear(x), rtol=0.02, atol=0.02 * linear(x).abs().max().item())
+
+
+def test_w4a4_bad_settings():
+    with pytest.raises(ValueError, match='act_bits'): W4A4Linear(8, 4, act_bits=9)
+    with pytest.raises(TypeError, match='rotate_input'): W4A4Linear(8, 4, rotate_input=1)
+    with pytest.raises(ValueError, match='seed'): W4A4Linear(8, 4, seed=-2)
