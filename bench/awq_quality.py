@@ -116,9 +116,11 @@ def claim(folder: Path|None, task) -> bool:
 
 
 def done_rows(paths, calibration_shape) -> set:
-    "(label, seed, bits) of the rows already in these JSON files with calibration of `calibration_shape`."
+    "(label, seed, bits) of the valid rows in these JSON files with calibration of `calibration_shape`."
     rows = [r for p in paths for r in json.loads(Path(p).read_text()).get('rows', [])]
-    return {(r['label'], r['seed'], r['bits']) for r in rows if r['calibration'] == list(calibration_shape)}
+    # rows recorded before quantize_model's sequential=False correction (a26fdc8) must run again
+    return {(r['label'], r['seed'], r['bits']) for r in rows
+            if r['calibration'] == list(calibration_shape) and not r.get('before_correction')}
 
 
 def truncated(model, blocks: int):
