@@ -183,9 +183,8 @@ def _quantize_block(block, inside: list[str], spec, settings: dict, full_name, r
         # just before the group's first layer runs: quantize the group
         def before(module, args, members=members):
             x = args[0]
-            for name in members:
-                make(name, spec.collect(x) if spec.collect else x,
-                     x.reshape(-1, x.shape[-1])[:_ERROR_TOKENS])
+            statistics = spec.collect(x) if spec.collect else x  # once for the group
+            for name in members: make(name, statistics, x.reshape(-1, x.shape[-1])[:_ERROR_TOKENS])
         # the rest of the pass sees the quantized output
         def after(module, args, output, first=group.names[0], members=members):
             return (block.get_submodule(first)(args[0]) if first in members and spec.sequential
