@@ -205,7 +205,7 @@ def main():
             for r in rows:
                 print(f"{r['model']} {r['method']} {r['dtype']}, {r['processes']} process(es): {r['wall_s']:.2f} s, "
                       f"all_reduce {max(r['allreduce_s']):.3f} s ({100 * r['allreduce_share']:.1f}%), "
-                      f"{r["allreduce_bytes_per_block"] / 2**20:.3f} MiB per block, peak {max(r['peak_gib']):.2f} GiB, "
+                      f"{r['allreduce_bytes_per_block'] / 2**20:.3f} MiB per block, peak {max(r['peak_gib']):.2f} GiB, "
                       f"ranks equal: {r['ranks_equal']}, codes differing from one process: "
                       f"{r['codes_differing']} of {r['codes_total']}")
             print(f'rows merged into {out}')
