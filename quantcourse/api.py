@@ -300,15 +300,19 @@ def save_quantized(model, path: str|Path,
     metadata = {'quantcourse': json.dumps(dict(format=1, base_model=base, layers=layers))}
     if not distributed: save_model(model, str(path), metadata=metadata); return Path(path)
     import torch.distributed as dist
-    path = Path(path); partial = path.with_name(path.name + '.partial')
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("distributed=True needs torch.distributed set up (torchrun, then "
+                         "init_process_group()); to save from one process, leave it False")
+    path, rank = Path(path), dist.get_rank()
+    partial = path.with_name(path.name + '.partial')
     try:
-        if dist.get_rank() == 0: save_model(model, str(partial), metadata=metadata)
+        if rank == 0: save_model(model, str(partial), metadata=metadata)
         dist.barrier()  # every process got here: none failed on the way
     except BaseException as e:
         partial.unlink(missing_ok=True)
-        raise RuntimeError(f"rank {dist.get_rank()}: {path} not written, a process failed before "
-                           f"the save ({str(e).splitlines()[0][:200]})") from e
-    if dist.get_rank() == 0: partial.replace(path)  # the whole file appears at once, or nothing
+        raise RuntimeError(f"rank {rank}: {path} not written, a process failed before the save "
+                           f"({str(e).splitlines()[0][:200]})") from e
+    if rank == 0: partial.replace(path)  # the whole file appears at once, or nothing
     return path
 
 # %% ../nbs/20_api.ipynb #360e1a37

@@ -78,3 +78,10 @@ def test_distributed_needs_a_process_group():
     with pytest.raises(ValueError, match='needs torch.distributed set up'):
         quantize_model(tiny_models.build('llama'), 'gptq', calibration=tiny_models.calibration(2, 8),
                        distributed=True, progress=False)
+
+def test_distributed_save_needs_a_process_group(tmp_path):
+    from quantcourse.api import save_quantized
+    model = tiny_models.build('llama'); quantize_model(model, 'rtn', progress=False)
+    with pytest.raises(ValueError, match='needs torch.distributed set up'):
+        save_quantized(model, tmp_path / 'model.safetensors', distributed=True)
+    assert list(tmp_path.iterdir()) == []
