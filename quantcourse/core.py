@@ -7,7 +7,8 @@ Docs: https://quantcourse.github.io/quantcourse/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #670d0cb5
 from __future__ import annotations
-import gzip, json, os, struct, subprocess, time, zlib, importlib.util, contextlib, contextvars, math, re
+import gzip, json, os, struct, subprocess, time, zlib, importlib.util, contextlib, math, re
+import contextvars
 from dataclasses import dataclass
 from pathlib import Path
 import torch
@@ -674,8 +675,9 @@ def sum_shards(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     for t in tensors:
         try: dist.all_reduce(t, group=group)
         except RuntimeError as e:
-            raise RuntimeError(f"calibration over processes stopped on rank {dist.get_rank(group)}: "
-                               f"an all_reduce failed ({str(e).splitlines()[0][:200]}); another "
+            rank = dist.get_rank(group)
+            raise RuntimeError(f"calibration over processes stopped on rank {rank}: an "
+                               f"all_reduce failed ({str(e).splitlines()[0][:200]}); another "
                                "process most likely failed or was killed: its own error says why"
                                ) from e
     return tensors

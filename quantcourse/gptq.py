@@ -319,7 +319,8 @@ class GPTQLinear(QuantLinear):
 # %% ../nbs/04_gptq.ipynb #cdf6feac
 def _hessian(inputs: torch.Tensor) -> torch.Tensor:
     "What GPTQ needs of a group of layers' inputs: their Hessian, once for the group, all shards'."
-    dtype = torch.float64 if inputs.dtype == torch.float64 else torch.float32  # float64 models: exact
+    # float64 models: float64 sums, so that sums in another order round alike
+    dtype = torch.float64 if inputs.dtype == torch.float64 else torch.float32
     hessian = Hessian(inputs.shape[-1], inputs.device, dtype).add(inputs)
     if sharded():  # sum x x^T and the token count over the processes, then divide
         count = torch.tensor(hessian.n, device=inputs.device)
@@ -335,6 +336,7 @@ register_method(Method('gptq', GPTQLinear,
                        dict(bits=4, group_size=64, symmetric=False, act_order=False,
                             static_groups=False,
                                                 percdamp=0.01, block_size=128),
-                       _gptq, needs_calibration=True, collect=_hessian, baseline='rtn', shardable=True,
+                       _gptq, needs_calibration=True, collect=_hessian, baseline='rtn',
+                       shardable=True,
                        doc='GPTQ: columns rounded in turn, the error spread over the columns not '
                            'yet rounded'))
