@@ -8,14 +8,14 @@ Docs: https://quantcourse.github.io/quantcourse/api.html.md"""
 
 # %% ../nbs/20_api.ipynb #7c9e3890
 from __future__ import annotations
-import copy, inspect, json, math, time
+import contextlib, copy, hashlib, inspect, json, math, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from torch import nn
 from .core import (METHODS, QuantizedLinear, decoder_blocks, block_inputs, run_block,
                               linear_groups,
-                              linear_names, layer_classes, load_model)
+                              linear_names, layer_classes, load_model, calibration_shards)
 # importing a method's module registers it
 from . import scales, outliers, gptq, awq, gguf, nf4, below4
 
@@ -183,9 +183,8 @@ def _quantize_block(block, inside: list[str], spec, settings: dict, full_name, r
         # just before the group's first layer runs: quantize the group
         def before(module, args, members=members):
             x = args[0]
-            for name in members:
-                make(name, spec.collect(x) if spec.collect else x,
-                     x.reshape(-1, x.shape[-1])[:_ERROR_TOKENS])
+            statistics = spec.collect(x) if spec.collect else x  # once for the group
+            for name in members: make(name, statistics, x.reshape(-1, x.shape[-1])[:_ERROR_TOKENS])
         # the rest of the pass sees the quantized output
         def after(module, args, output, first=group.names[0], members=members):
             return (block.get_submodule(first)(args[0]) if first in members and spec.sequential
@@ -198,6 +197,40 @@ def _quantize_block(block, inside: list[str], spec, settings: dict, full_name, r
     for name, layer in pending.items(): _set_module(block, name, layer)
     return output
 
+# %% ../nbs/20_api.ipynb #e92f4334
+def _check_same_call(model, calibration, spec, settings: dict):
+    "Raise on every process unless all got models of the same tensor shapes and the same call."
+    import torch.distributed as dist
+    shapes = [(n, tuple(t.shape), str(t.dtype)) for n, t in model.state_dict().items()]
+    call = (spec.name, sorted(settings.items()), None if calibration is None else calibration.shape)
+    digest = hashlib.sha256(repr((shapes, call)).encode()).digest()
+    mine = int.from_bytes(digest[:7], 'little')  # fits an int64
+    seen = torch.tensor([mine, -mine], device=next(model.parameters()).device)
+    dist.all_reduce(seen, op=dist.ReduceOp.MAX)  # [largest, -smallest]: equal only if all agree
+    if seen[0] != -seen[1]:
+        raise ValueError("the processes were given different models or calls (a hash of every "
+                         "tensor's name, shape and dtype, the method, its settings and the "
+                         "calibration's shape differs across ranks): give every process the same")
+
+def _my_shard(model, calibration, spec, settings: dict) -> torch.Tensor|None:
+    "This process's share of `calibration` (consecutive samples), once all processes agree."
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("distributed=True needs torch.distributed set up in every process: start "
+                         "them with torchrun and call torch.distributed.init_process_group() "
+                         "('nccl' on GPUs, 'gloo' on CPUs)")
+    if spec.needs_calibration and not spec.shardable:
+        raise ValueError(f"{spec.name} cannot split its calibration over processes; "
+                         "distributed=True takes "
+                         f"{sorted(m.name for m in METHODS.values() if m.shardable)} "
+                         "and methods without calibration")
+    _check_same_call(model, calibration, spec, settings)
+    if calibration is None: return None
+    if len(calibration) < (world := dist.get_world_size()):
+        raise ValueError(f"calibration has {len(calibration)} samples for {world} processes: give "
+                         "every process at least one (more samples, or fewer processes)")
+    return calibration.tensor_split(world)[dist.get_rank()]
+
 # %% ../nbs/20_api.ipynb #cf913bbc
 @torch.no_grad()
 def quantize_model(
@@ -209,15 +242,27 @@ def quantize_model(
     # full names of the linears to quantize (default: all in the blocks)
     names: list[str]|None = None,
     progress: bool = True, # a progress bar over the blocks
+    # one of several processes (torch.distributed): each calibrates on its share, sums statistics
+    distributed: bool = False,
     **config) -> QuantReport:
     "Quantize `model`'s decoder-block linears with `method`, block by block; report on every layer."
-    from tqdm.auto import tqdm
     spec = _method(method); settings = _settings(spec, config)
     calibration = _check_calibration(calibration, spec)
     prefix, blocks = decoder_blocks(model)
     targets = _targets(model, prefix, blocks, names)
     _check_layers(blocks, targets, prefix, spec, settings)
-    start, rows, done, structures = time.perf_counter(), [], {}, {}
+    if distributed: calibration = _my_shard(model, calibration, spec, settings)
+    start = time.perf_counter()
+    with calibration_shards() if distributed else contextlib.nullcontext():
+        rows, done = _quantize_blocks(model, blocks, prefix, targets, spec, settings, calibration,
+                                      progress)
+    for i, work in done.items(): blocks[i] = work  # every block succeeded: now the model changes
+    return QuantReport(method, settings, rows, time.perf_counter() - start)
+
+def _quantize_blocks(model, blocks, prefix, targets, spec, settings, calibration, progress):
+    "`quantize_model`'s loop: the report's rows, and a quantized copy of each targeted block."
+    from tqdm.auto import tqdm
+    method, rows, done, structures = spec.name, [], {}, {}
     if calibration is not None: hidden, kwargs = block_inputs(model, calibration)
     for i in tqdm(range(max(targets, default=-1) + 1), desc=f'{method}, block by block',
                   leave=False, disable=not progress):
@@ -239,11 +284,12 @@ def quantize_model(
             hidden = _quantize_block(work, targets[i], spec, settings, full_name, rows, hidden,
                                      kwargs[i], structures[key], folded, original)
         done[i] = work
-    for i, work in done.items(): blocks[i] = work  # every block succeeded: now the model changes
-    return QuantReport(method, settings, rows, time.perf_counter() - start)
+    return rows, done
 
 # %% ../nbs/20_api.ipynb #13c2a9ad
-def save_quantized(model, path: str|Path) -> Path:
+def save_quantized(model, path: str|Path,
+                   # every process calls it: rank 0 writes once all have arrived, the others wait
+                   distributed: bool = False) -> Path:
     "Write `model`'s tensors to a safetensors file, each quantized layer's `config()` in metadata."
     from safetensors.torch import save_model
     layers = {n: m.config() for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
@@ -251,9 +297,23 @@ def save_quantized(model, path: str|Path) -> Path:
         raise ValueError("the model has no quantized layers; quantize it with `quantize_model` "
                          "first")
     base = getattr(getattr(model, 'config', None), '_name_or_path', None)
-    save_model(model, str(path),
-               metadata={'quantcourse': json.dumps(dict(format=1, base_model=base, layers=layers))})
-    return Path(path)
+    metadata = {'quantcourse': json.dumps(dict(format=1, base_model=base, layers=layers))}
+    if not distributed: save_model(model, str(path), metadata=metadata); return Path(path)
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("distributed=True needs torch.distributed set up (torchrun, then "
+                         "init_process_group()); to save from one process, leave it False")
+    path, rank = Path(path), dist.get_rank()
+    partial = path.with_name(path.name + '.partial')
+    try:
+        if rank == 0: save_model(model, str(partial), metadata=metadata)
+        dist.barrier()  # every process got here: none failed on the way
+    except BaseException as e:
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"rank {rank}: {path} not written, a process failed before the save "
+                           f"({str(e).splitlines()[0][:200]})") from e
+    if rank == 0: partial.replace(path)  # the whole file appears at once, or nothing
+    return path
 
 # %% ../nbs/20_api.ipynb #360e1a37
 def _saved_layers(path) -> tuple[dict, str|None]:

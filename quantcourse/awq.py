@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from .core import (linear_names, linear_groups, decoder_blocks, block_inputs, run_block,
                               check_int, check_tensor,
-                              QuantizedLinear, Method, METHODS, register_method)
+                              QuantizedLinear, Method, METHODS, register_method,
+                              sharded, sum_shards, shard_span)
 from .scales import fake_quantize, check_bits, check_group_size, QuantLinear
 from .outliers import fold_input_factors
 from . import gptq  # registers 'gptq', which 'awq_gptq' builds on
@@ -29,9 +30,12 @@ __all__ = ['CLIP_SKIPPED', 'AWQ_SETTINGS', 'channel_means', 'activation_means', 
 # %% ../nbs/05_awq.ipynb #dfec5ea2
 def channel_means(x: torch.Tensor, # a layer's inputs, (..., in_features)
                  ) -> torch.Tensor:
-    "Mean |x| of each input channel over every token: AWQ's measure of a channel's salience."
+    "Mean |x| of each input channel over every token (all shards'): AWQ's measure of salience."
     check_tensor(x, 'x')
-    return x.reshape(-1, x.shape[-1]).abs().float().mean(0)
+    x = x.reshape(-1, x.shape[-1])
+    if not sharded(): return x.abs().float().mean(0)
+    total, count = sum_shards(x.abs().float().sum(0), torch.tensor(len(x), device=x.device))
+    return total / count
 
 @torch.no_grad()
 def activation_means(model, calibration: torch.Tensor, # (n_samples, seq_len) token ids
@@ -264,6 +268,10 @@ def search_scale(block: nn.Module, group: ScaleGroup, x: torch.Tensor, # the gro
         return {n: fake_quantize(l.weight * s, bits, group_size, symmetric) / s
                 for n, l in linears.items()}
     losses = grid_losses(replay, linears, [tried(s) for s in factors])
+    if sharded():  # each process's means over its tokens, weighted into means over all tokens
+        rows = torch.tensor([*losses, 1.], dtype=torch.float64, device=x.device) * x[..., 0].numel()
+        total, = sum_shards(rows)
+        losses = (total[:-1] / total[-1]).tolist()
     finite = [i for i, loss in enumerate(losses) if math.isfinite(loss)]
     for i in sorted(set(range(grid)) - set(finite)):
         warnings.warn(f"AWQ: alpha={alphas[i]} gives a loss of {losses[i]} at "
@@ -281,13 +289,15 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, # a linear's weight and i
                 bits: int = 4, group_size: int = 64, symmetric: bool = False,
                 # clamps tried: max|w| * (1 - i/grid) for i < max_shrink * grid
                 grid: int = 20, max_shrink: float = 0.5,
-                tokens: int = 512, # inputs used, evenly spaced
+                tokens: int = 512, # inputs used, evenly spaced (over all shards')
                ) -> torch.Tensor:
     "llm-awq's clip search: per row and group, the clamp of |w| whose group output errs least."
     w = weight.detach().float()
     rows, width = w.shape
     x = x.reshape(-1, width).float()
-    x = x[torch.linspace(0, len(x) - 1, min(tokens, len(x)), device=x.device).long()]
+    start, total = shard_span(len(x), x.device)  # (0, len(x)) unless sharded
+    picked = torch.linspace(0, total - 1, min(tokens, total), device=x.device).long() - start
+    x = x[picked[(picked >= 0) & (picked < len(x))]]  # this process's rows of those picked
     x_groups = x.view(len(x), width // group_size, group_size).transpose(0, 1) # (groups, tokens, g)
     w_groups = w.view(rows, -1, group_size)
     exact = x_groups @ w_groups.permute(1, 2, 0)  # (groups, tokens, rows)
@@ -297,7 +307,9 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, # a linear's weight and i
         limit = top * (1 - i / grid)
         clipped = torch.maximum(torch.minimum(w_groups, limit), -limit).reshape(rows, width)
         q = fake_quantize(clipped, bits, group_size, symmetric).view(rows, -1, group_size)
-        error = (x_groups @ q.permute(1, 2, 0) - exact).pow(2).mean(1).T[..., None]
+        squared = (x_groups @ q.permute(1, 2, 0) - exact).pow(2)
+        error = (squared.mean(1) if not sharded()
+                 else sum_shards(squared.sum(1))[0] / min(tokens, total)).T[..., None]
         best = torch.where(error < best_error, limit, best)
         best_error = torch.minimum(error, best_error)
     return best[..., 0]                                                       # (rows, groups)
@@ -374,7 +386,7 @@ def _awq(linear: nn.Linear, statistics, bits: int, group_size: int, symmetric: b
 register_method(Method('awq', QuantLinear,
                        dict(bits=4, group_size=64, symmetric=False, **AWQ_SETTINGS), _awq,
                        needs_calibration=True, prepare_block=awq_block, baseline='rtn',
-                       sequential=False,
+                       sequential=False, shardable=True,
                        doc='AWQ: per-channel factors from mean |x| folded into the layer before, '
                            'then round-to-nearest'))
 
@@ -387,5 +399,5 @@ def _awq_gptq(linear: nn.Linear, hessian, bits, group_size, symmetric, act_order
 
 register_method(Method('awq_gptq', _gptq.layer, _gptq.defaults | AWQ_SETTINGS, _awq_gptq,
                        needs_calibration=True, collect=_gptq.collect, prepare_block=awq_block,
-                       baseline='rtn',
+                       baseline='rtn', shardable=True,
                        doc="AWQ's factors folded in, then GPTQ on the scaled model"))

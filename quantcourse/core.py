@@ -8,6 +8,7 @@ Docs: https://quantcourse.github.io/quantcourse/core.html.md"""
 # %% ../nbs/00_core.ipynb #670d0cb5
 from __future__ import annotations
 import gzip, json, os, struct, subprocess, time, zlib, importlib.util, contextlib, math, re
+import contextvars
 from dataclasses import dataclass
 from pathlib import Path
 import torch
@@ -24,8 +25,9 @@ __all__ = ['BUDGETS', 'MODEL_PACKAGE', 'MODEL_NAME', 'INSTALL_MODEL', 'NOVELS', 
           'model_size_bytes', 'check_int', 'check_number', 'check_choice', 'check_tensor',
           'decoder_blocks', 'block_inputs', 'run_block', 'LinearGroup', 'linear_groups',
           'QuantizedLinear', 'stored_bits', 'model_bits', 'dequantized_copy', 'Method',
-          'register_method', 'layer_classes', 'FrameSlider', 'generate', 'evaluate', 'results_dir',
-          'record_results', 'result_row']
+          'register_method', 'layer_classes', 'calibration_shards', 'sharded', 'sum_shards',
+          'shard_span', 'FrameSlider', 'generate', 'evaluate', 'results_dir', 'record_results',
+          'result_row']
 
 # %% ../nbs/00_core.ipynb #8d910e71
 def course_root() -> Path|None:
@@ -634,6 +636,8 @@ class Method:
     # calibrate each block on the quantized blocks' outputs (False: on the float model's)
     sequential: bool = True
     doc: str = ''
+    # its statistics add up over processes (`sum_shards`): quantize_model(distributed=True) runs it
+    shardable: bool = False
 
 METHODS: dict[str, Method] = {}
 
@@ -646,6 +650,49 @@ def layer_classes() -> dict[str, type]:
     # the method named like the layer's own `method` has the last word (e.g. 'gptq', not 'awq_gptq')
     classes = {m.layer.method: m.layer for m in METHODS.values()}
     return classes | {m.name: m.layer for m in METHODS.values() if m.name == m.layer.method}
+
+# %% ../nbs/00_core.ipynb #26bf77a9
+_shard_group = contextvars.ContextVar('shard_group', default=None)
+
+@contextlib.contextmanager
+def calibration_shards(group=None, # a torch.distributed process group (None: the default one)
+                      ):
+    "Inside the `with`, `sum_shards` adds statistics up over the processes of `group`."
+    import torch.distributed as dist
+    token = _shard_group.set(group or dist.group.WORLD)
+    try: yield
+    finally: _shard_group.reset(token)
+
+def sharded() -> bool:
+    "True inside `calibration_shards`: this process holds one share of the calibration samples."
+    return _shard_group.get() is not None
+
+def sum_shards(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    "Sum each tensor in place over the processes calibrating together (no-op when not `sharded`)."
+    group = _shard_group.get()
+    if group is None: return tensors
+    import torch.distributed as dist
+    for t in tensors:
+        try: dist.all_reduce(t, group=group)
+        except RuntimeError as e:
+            rank = dist.get_rank(group)
+            raise RuntimeError(f"calibration over processes stopped on rank {rank}: an "
+                               f"all_reduce failed ({str(e).splitlines()[0][:200]}); another "
+                               "process most likely failed or was killed: its own error says why"
+                               ) from e
+    return tensors
+
+def shard_span(count: int, # this process's rows
+               device=None) -> tuple[int, int]:
+    "Where this process's `count` rows start among all processes' rows (rank order), and the total."
+    group = _shard_group.get()
+    if group is None: return 0, count
+    import torch.distributed as dist
+    rank = dist.get_rank(group)
+    counts = torch.zeros(dist.get_world_size(group), dtype=torch.int64, device=device)
+    counts[rank] = count
+    sum_shards(counts)
+    return int(counts[:rank].sum()), int(counts.sum())
 
 # %% ../nbs/00_core.ipynb #2041b424
 def _figure_png(fig, dpi: int = 80) -> str:

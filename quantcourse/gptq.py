@@ -12,7 +12,8 @@ import json, math, warnings
 from dataclasses import dataclass
 import torch
 from torch import nn
-from .core import linear_names, check_tensor, Method, register_method, stored_bits
+from .core import (linear_names, check_tensor, Method, register_method, stored_bits,
+                              sharded, sum_shards)
 from .scales import (qrange, scale_zero, fake_quantize, QuantizedWeight, QuantLinear,
                                 check_bits, check_group_size)
 
@@ -317,8 +318,14 @@ class GPTQLinear(QuantLinear):
 
 # %% ../nbs/04_gptq.ipynb #cdf6feac
 def _hessian(inputs: torch.Tensor) -> torch.Tensor:
-    "What GPTQ needs of a group of layers' inputs: their Hessian, computed once for the group."
-    return Hessian(inputs.shape[-1], inputs.device).add(inputs).value()
+    "What GPTQ needs of a group of layers' inputs: their Hessian, once for the group, all shards'."
+    # float64 models: float64 sums, so that sums in another order round alike
+    dtype = torch.float64 if inputs.dtype == torch.float64 else torch.float32
+    hessian = Hessian(inputs.shape[-1], inputs.device, dtype).add(inputs)
+    if sharded():  # sum x x^T and the token count over the processes, then divide
+        count = torch.tensor(hessian.n, device=inputs.device)
+        sum_shards(hessian.sum, count); hessian.n = int(count)
+    return hessian.value()
 
 def _gptq(linear: nn.Linear, hessian: torch.Tensor, bits, group_size, symmetric,
           **options) -> GPTQLinear:
@@ -330,5 +337,6 @@ register_method(Method('gptq', GPTQLinear,
                             static_groups=False,
                                                 percdamp=0.01, block_size=128),
                        _gptq, needs_calibration=True, collect=_hessian, baseline='rtn',
+                       shardable=True,
                        doc='GPTQ: columns rounded in turn, the error spread over the columns not '
                            'yet rounded'))
