@@ -20,8 +20,8 @@ Parts, chosen with --only (each well under 9 minutes on one H100; see bench/READ
   run. The H100/H200 have no FP4 tensor cores: FP4 there saves memory, and the weights are dequantized.
 Every perplexity row records its stored bits per weight, the quantization seconds (the device synchronized;
 the residual rotation timed apart) and the peak GPU memory. Evaluation: the whole evaluation novel at context
-1024 (chapter 04's table), weight-only layers replaced by their dequantized weights; float32 matrix products
-(TF32 off, as chapter 04's runs).
+1024 (chapter 04's table), through the quantized layers themselves; float32 matrix products (TF32 off, as
+chapter 04's runs).
 
 The JSON (--out, default bench/results/below4_gpu.json) is rewritten after every row and merged with the
 rows already there when the card and the budget are the same, so that parts can run in separate calls.
@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing
 from quantcourse.core import (Budget, load_model, get_budget, calibration_samples, evaluate, eval_tokens,
-                              default_device, model_bits, dequantized_copy, decoder_blocks, linear_names)
+                              default_device, model_bits, decoder_blocks, linear_names)
 from quantcourse.api import quantize_model
 from quantcourse.gptq import Hessian
 from quantcourse.below4 import (fwht, sylvester, rotate, incoherent, hadamard_block, random_signs,
@@ -177,8 +177,9 @@ def run_row(run, models: dict, tokenizer, calibration, budget, device, meta, rot
     sync(device); start = time.perf_counter()
     reports = quantize(work, method, settings, calibration) if method else []
     sync(device); seconds = time.perf_counter() - start
-    evaluated = dequantized_copy(work) if method else work  # W4A4/W8A8 layers stay: they round their inputs
-    result = evaluate(evaluated, tokenizer, budget, progress=False)
+    # the quantized layers themselves (each dequantizes its weight per call; W4A4/W8A8 round their inputs too).
+    # Not core's dequantized_copy: it builds bias-free nn.Linear layers on the CPU whatever the model's device
+    result = evaluate(work, tokenizer, budget, progress=False)
     row = dict(label=label, family=family, method=method, settings=settings, base_model=base,
                bits=settings.get('bits', {None: 32, 'w8a8': 8}.get(method, 4)), perplexity=result['perplexity'],
                bits_per_weight=model_bits(work) if method else 32.0, quantize_seconds=seconds,
@@ -186,7 +187,7 @@ def run_row(run, models: dict, tokenizer, calibration, budget, device, meta, rot
                rotate_seconds=rotate_seconds if base == 'quarot' else None,
                eval_seconds=result['seconds'], commit=meta['commit'], dirty=meta['dirty'], recorded=meta['recorded'],
                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else None)
-    del work, evaluated
+    del work
     if device.type == 'cuda': torch.cuda.empty_cache()
     return row
 
@@ -282,7 +283,7 @@ def main(argv=None):
                   model_blocks=2 if args.quick else 'all',
                   how='quantize_model on a copy of the model (GPTQ: act order, static groups, percdamp 0.01; groups of 64, '
                       'asymmetric for RTN/GPTQ/HQQ); seconds: quantization only, device synchronized; evaluation of '
-                      'dequantized weight-only layers; rows merged over runs, each names its commit and time')
+                      'the quantized layers (each dequantizes its weight per call); rows merged over runs, each names its commit and time')
     previous = json.loads(out.read_text()) if out.exists() else {}
     same = all(previous.get(k) == header[k] for k in ('device', 'budget', 'quick'))
     result = {**(previous if same else {}), **header}
