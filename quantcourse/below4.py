@@ -19,15 +19,16 @@ from .formats import FP4_E2M1, FP8_E4M3, encode, decode
 from .scales import (check_bits, check_group_size, pack, unpack, quantize_weight,
                                 fake_quantize, QuantizedWeight, QuantLinear)
 from .nf4 import pack_nibbles, unpack_nibbles
+from .gptq import Hessian, gptq_quantize
 
 # %% auto #0
 __all__ = ['ROTATABLE', 'RESIDUAL_PARTS', 'E2M1_VALUES', 'MX_BLOCK', 'NV_BLOCK', 'E4M3_MAX',
           'E2M1_MAX', 'FP4_FORMATS', 'check_p', 'shrink_lp', 'minmax_init', 'hqq_zero', 'HQQWeight',
           'check_hqq', 'hqq_quantize', 'HQQLinear', 'is_power_of_two', 'hadamard_block', 'fwht',
           'sylvester', 'random_signs', 'rotate', 'unrotate', 'incoherent', 'coherent', 'kurtosis',
-          'RotatedWeight', 'RotatedLinear', 'is_plain_rms_norm', 'residual_parts', 'fuse_norms',
-          'rotate_residual', 'W4A4Linear', 'e2m1_codes', 'e8m0_exponent', 'e8m0_scale',
-          'mxfp4_blocks', 'MXFP4Weight', 'NVFP4Weight', 'nvfp4_quantize', 'FP4Linear']
+          'RotatedWeight', 'gptq_rotated', 'RotatedLinear', 'is_plain_rms_norm', 'residual_parts',
+          'fuse_norms', 'rotate_residual', 'W4A4Linear', 'e2m1_codes', 'e8m0_exponent',
+          'e8m0_scale', 'mxfp4_blocks', 'MXFP4Weight', 'NVFP4Weight', 'nvfp4_quantize', 'FP4Linear']
 
 # %% ../nbs/11_below4.ipynb #0554b6c0
 def check_p(p) -> float:
@@ -229,14 +230,14 @@ def rotate(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
     "R x over the last dimension: random signs, then a normalized Hadamard on each block."
     n = x.shape[-1]
     if n % block: raise ValueError(f"block={block} must divide the last dimension {n}")
-    y = (x * signs.to(x.dtype)).reshape(*x.shape[:-1], n // block, block)
+    y = (x * signs.to(x.device, x.dtype)).reshape(*x.shape[:-1], n // block, block)
     return (fwht(y) / math.sqrt(block)).reshape(x.shape)
 
 def unrotate(y: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
     "R^T y: undo `rotate` (the normalized Hadamard is its own inverse)."
     n = y.shape[-1]
     h = fwht(y.reshape(*y.shape[:-1], n // block, block)) / math.sqrt(block)
-    return h.reshape(y.shape) * signs.to(y.dtype)
+    return h.reshape(y.shape) * signs.to(y.device, y.dtype)
 
 # %% ../nbs/11_below4.ipynb #8a9b8808
 def incoherent(W: torch.Tensor, out_signs: torch.Tensor, in_signs: torch.Tensor) -> torch.Tensor:
@@ -275,18 +276,35 @@ class RotatedWeight:
         return stored_bits(self.tensors(), math.prod(self.shape))
     def config(self) -> dict: return dict(self.inner.config(), rotated=True)
 
+# %% ../nbs/11_below4.ipynb #a1f0b4c3
+def gptq_rotated(W: torch.Tensor, # the rotated weight R_out W R_in^T, (out_features, in_features)
+                 in_signs: torch.Tensor, # the input rotation's signs
+                 bits: int, group_size: int,
+                 hessian: torch.Tensor|None = None, # the Hessian of the layer's *original* inputs
+                 act_order: bool = True, static_groups: bool = True, **options) -> QuantizedWeight:
+    "GPTQ of a rotated weight against the rotated inputs' Hessian R_in H R_in^T (asymmetric)."
+    if hessian is None:
+        raise ValueError("GPTQ needs the Hessian of the layer's inputs: pass hessian=..., or use "
+                         "quantize_model(model, 'gptq_rot', calibration=...)")
+    if act_order and not static_groups:
+        raise ValueError("gptq_rot with act_order=True needs static_groups=True: the rotated layer "
+                         "stores no column order")
+    H = incoherent(hessian.detach().float().to(W.device), in_signs, in_signs)
+    q = gptq_quantize(W, H, bits, group_size, False, act_order, static_groups, **options)
+    return q.quantized
+
 # %% ../nbs/11_below4.ipynb #76bbd8db
-ROTATABLE = {'rtn': QuantLinear, 'hqq': HQQLinear}
+ROTATABLE = {'rtn': QuantLinear, 'hqq': HQQLinear, 'gptq': QuantLinear}
 
 class RotatedLinear(QuantizedLinear):
-    "An `nn.Linear` quantized by `base` ('rtn', 'hqq') after random Hadamard rotations, both sides."
+    "An `nn.Linear` quantized by `base` ('rtn', 'hqq', 'gptq') after random Hadamard rotations, both sides."
     method = 'rotated'
     def __init__(self, in_features: int, out_features: int, base: str = 'hqq', bits: int = 4,
                  group_size: int = 64, seed: int = 0, bias: bool = True):
         super().__init__(in_features, out_features, bias)
         check_choice(base, 'base', list(ROTATABLE)); check_int(seed, 'seed', 0)
         self.base, self.bits, self.group_size, self.seed = base, bits, group_size, seed
-        extra = dict(symmetric=False) if base == 'rtn' else {}
+        extra = dict(symmetric=False) if base != 'hqq' else {}
         empty = ROTATABLE[base](in_features, out_features, bits=bits, group_size=group_size,
                                 bias=False, **extra)  # the rotated weight's buffers, stored here
         for name, t in empty.named_buffers():
@@ -298,12 +316,13 @@ class RotatedLinear(QuantizedLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, base: str = 'hqq', bits: int = 4, group_size: int = 64,
                     seed: int = 0, **options):
-        "Rotate `linear`'s weight on both sides, quantize it with `base` (HQQ takes `options`)."
+        "Rotate `linear`'s weight on both sides, quantize it with `base` (HQQ, GPTQ take `options`)."
         layer = cls(linear.in_features, linear.out_features, base, bits, group_size, seed,
                     linear.bias is not None).to(linear.weight.device)
         W = incoherent(linear.weight.detach().float(), layer.out_signs, layer.in_signs)
-        q = (quantize_weight(W, bits, group_size, False) if base == 'rtn'
-             else hqq_quantize(W, bits, group_size, **options))
+        if base == 'rtn': q = quantize_weight(W, bits, group_size, False)
+        elif base == 'hqq': q = hqq_quantize(W, bits, group_size, **options)
+        else: q = gptq_rotated(W, layer.in_signs, bits, group_size, **options)
         for name, t in q.tensors().items(): getattr(layer, name).copy_(t)
         if linear.bias is not None: layer.bias.copy_(linear.bias.detach().float())
         return layer
@@ -313,7 +332,7 @@ class RotatedLinear(QuantizedLinear):
     def weight(self) -> RotatedWeight:
         "The stored weight: the rotated weight's quantized form and the signs of both rotations."
         shape = [self.out_features, self.in_features]
-        if self.base == 'rtn':
+        if self.base != 'hqq':
             inner = QuantizedWeight.from_tensors(
                 dict(qweight=self.qweight, scale=self.scale, qzeros=self.qzeros),
                 dict(bits=self.bits, group_size=self.group_size, symmetric=False, shape=shape))
@@ -327,6 +346,7 @@ class RotatedLinear(QuantizedLinear):
 def _rotated(base: str):
     "The `quantize` of a registered method: `base` in a rotated basis."
     def quantize(linear, statistics, bits: int, group_size: int, seed: int, **options):
+        if base == 'gptq': options['hessian'] = statistics
         return RotatedLinear.from_linear(linear, base, bits, group_size, seed, **options)
     return quantize
 
@@ -336,6 +356,18 @@ register_method(Method('rtn_rot', RotatedLinear, dict(bits=4, group_size=64, see
 register_method(Method('hqq_rot', RotatedLinear,
                        dict(bits=4, group_size=64, seed=0, p=0.7, iters=20),
                        _rotated('hqq'), doc='HQQ after random Hadamard rotations of both sides'))
+
+def _input_hessian(inputs: torch.Tensor) -> torch.Tensor:
+    "The Hessian of a group's inputs, in the original basis (each layer rotates it with its signs)."
+    return Hessian(inputs.shape[-1], inputs.device).add(inputs).value()
+
+register_method(Method('gptq_rot', RotatedLinear,
+                       dict(bits=4, group_size=64, seed=0, act_order=True, static_groups=True,
+                            percdamp=0.01, block_size=128),
+                       _rotated('gptq'), needs_calibration=True, collect=_input_hessian,
+                       baseline='rtn_rot',
+                       doc='GPTQ (act order, static groups) after random Hadamard rotations of both '
+                           'sides, on the rotated Hessian'))
 
 # %% ../nbs/11_below4.ipynb #64cf672c
 def is_plain_rms_norm(norm: nn.Module) -> bool:
@@ -487,7 +519,8 @@ def e2m1_codes(x: torch.Tensor, # values in units of the block scale
     codes = encode(x.float(), FP4_E2M1)
     if ties == 'down':
         magnitude = codes & 7
-        midpoint = (E2M1_VALUES[(magnitude - 1).clamp(min=0)] + E2M1_VALUES[magnitude]) / 2
+        values = E2M1_VALUES.to(codes.device)
+        midpoint = (values[(magnitude - 1).clamp(min=0)] + values[magnitude]) / 2
         codes = torch.where((magnitude > 0) & (x.float().abs() == midpoint), codes - 1, codes)
     return torch.where(codes & 7 == 0, 0, codes).to(torch.uint8)
 

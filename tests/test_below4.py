@@ -136,8 +136,26 @@ def test_kurtosis_of_known_distributions():
     assert abs(kurtosis(torch.rand(1_000_000)) - 1.8) < 0.02
 
 def test_rotated_layer_bad_input():
-    with pytest.raises(ValueError, match='base must be one of'): RotatedLinear(64, 8, base='gptq')
+    with pytest.raises(ValueError, match='base must be one of'): RotatedLinear(64, 8, base='awq')
     with pytest.raises(ValueError, match='bits must be from 2 to 8'): RotatedLinear(64, 8, bits=1)
+
+def test_gptq_rot_rotated_hessian_and_error():
+    "gptq_rot: R H R^T is the rotated inputs' Hessian; GPTQ there beats RTN there on the output; bad input refused."
+    from quantcourse.below4 import incoherent, rotate, hadamard_block
+    from quantcourse.gptq import Hessian
+    gen = torch.Generator().manual_seed(0)
+    linear = nn.Linear(192, 48, bias=True)
+    x = torch.randn(1024, 192, generator=gen) * torch.linspace(0.1, 4, 192)
+    H = Hessian(192).add(x).value()
+    layer = RotatedLinear.from_linear(linear, 'gptq', 3, hessian=H)
+    rotated_x = rotate(x, layer.in_signs, hadamard_block(192))
+    torch.testing.assert_close(incoherent(H, layer.in_signs, layer.in_signs), Hessian(192).add(rotated_x).value(),
+                               rtol=1e-4, atol=1e-4)
+    error = lambda l: ((l(x) - linear(x)).norm() / linear(x).norm()).item()
+    with torch.no_grad(): assert error(layer) < error(RotatedLinear.from_linear(linear, 'rtn', 3))
+    with pytest.raises(ValueError, match='needs the Hessian'): RotatedLinear.from_linear(linear, 'gptq', 3)
+    with pytest.raises(ValueError, match='static_groups=True'):
+        RotatedLinear.from_linear(linear, 'gptq', 3, hessian=H, static_groups=False)
 
 # ---------------------------------------------------------------- MXFP4 and NVFP4
 def _gguf_mxfp4(W):

@@ -69,6 +69,7 @@ def test_from_linear_and_from_config(method, tmp_path):
     cls = layer_classes()[layer.method]
     settings = {k: v for k, v in layer.config().items() if k not in ('method', 'in_features', 'out_features', 'bias', 'permuted', 'dtype')}
     if cls.__name__ == 'GPTQLinear': settings['hessian'] = METHODS['gptq'].collect(x)
+    if settings.get('base') == 'gptq': settings['hessian'] = METHODS['gptq_rot'].collect(x)
     if 'compute_dtype' in settings: settings['compute_dtype'] = None
     again = cls.from_linear(linear, **settings)
     assert type(again) is cls
@@ -81,7 +82,7 @@ def test_from_linear_and_from_config(method, tmp_path):
 OTHER_SETTINGS = {'rtn': dict(bits=3), 'gptq': dict(bits=3), 'nf4': dict(quant_type='fp4'), 'fp4': dict(quant_type='nf4'),
                   'w8a8': dict(granularity='tensor'), 'llm_int8': dict(threshold=None), 'smoothquant': dict(granularity='tensor'),
                   'awq': dict(bits=3), 'awq_gptq': dict(bits=3),
-                  'hqq': dict(bits=3), 'rtn_rot': dict(bits=3), 'hqq_rot': dict(bits=3), 'mxfp4': dict(fmt='nvfp4'), 'nvfp4': dict(fmt='mxfp4'),
+                  'hqq': dict(bits=3), 'rtn_rot': dict(bits=3), 'hqq_rot': dict(bits=3), 'gptq_rot': dict(bits=3), 'mxfp4': dict(fmt='nvfp4'), 'nvfp4': dict(fmt='mxfp4'),
                   'w4a4': dict(rotate_input=True),
                   **{f'gguf_{t}': dict(type_name='Q8_0' if t != 'q8_0' else 'Q4_0') for t in ('q4_0', 'q4_1', 'q5_0', 'q5_1', 'q8_0')}}
 
