@@ -604,10 +604,10 @@ def model_bits(model) -> float:
 def dequantized_copy(model):
     "A copy of `model` whose weight-only quantized layers are `nn.Linear`s of dequantized weights."
     def plain(name, layer):
+        weight = layer.weight().dequantize(torch.float32)  # on the layer's device
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                           device=layer.bias.device
-                           if layer.bias is not None else None)
-        linear.weight.data = layer.weight().dequantize(torch.float32).to(linear.weight.device)
+                           device=weight.device)
+        linear.weight.data = weight
         if layer.bias is not None: linear.bias.data = layer.bias.float().clone()
         return linear
     copy_ = __import__('copy').deepcopy(model)
