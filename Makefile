@@ -67,7 +67,7 @@ check-sync: $(STAMP)
 	echo "library, notebooks and README are in sync"
 
 pytest: $(STAMP)
-	$(BIN)/pytest tests
+	$(BIN)/pytest tests --durations=25
 
 clean:
 	rm -rf _docs _proc
