@@ -1,4 +1,6 @@
-"""Every method of the course behind one call, one report and one file format: quantize any decoder-only transformers model block by block, see what each layer cost, save it to safetensors and load it back bit for bit.
+"""Every method of the course behind one call, one report and one file format: quantize any
+decoder-only transformers model block by block, see what each layer cost, save it to safetensors and
+load it back bit for bit.
 
 Docs: https://quantcourse.github.io/quantcourse/api.html.md"""
 
@@ -18,8 +20,9 @@ from .core import (METHODS, QuantizedLinear, decoder_blocks, block_inputs, run_b
 from . import scales, outliers, gptq, awq, gguf, nf4, below4
 
 # %% auto #0
-__all__ = ['QuantReport', 'quantize_model', 'save_quantized', 'load_quantized', 'to_ct_codes', 'from_ct_codes', 'ct_scheme',
-           'ct_tensors', 'ct_config', 'export_compressed_tensors', 'load_compressed_tensors']
+__all__ = ['QuantReport', 'quantize_model', 'save_quantized', 'load_quantized', 'to_ct_codes',
+          'from_ct_codes', 'ct_scheme', 'ct_tensors', 'ct_config', 'export_compressed_tensors',
+          'load_compressed_tensors']
 
 # %% ../nbs/20_api.ipynb #e6b22fb3
 @dataclass

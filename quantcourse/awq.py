@@ -1,4 +1,6 @@
-"""Find the few weights that matter from the activations they multiply, protect them by scaling their input channels before rounding, fold the scales into the layer before, and measure it on SmolLM2 beside GPTQ and llm-compressor.
+"""Find the few weights that matter from the activations they multiply, protect them by scaling
+their input channels before rounding, fold the scales into the layer before, and measure it on
+SmolLM2 beside GPTQ and llm-compressor.
 
 Docs: https://quantcourse.github.io/quantcourse/awq.html.md"""
 
@@ -19,9 +21,10 @@ from .outliers import fold_input_factors
 from . import gptq  # registers 'gptq', which 'awq_gptq' builds on
 
 # %% auto #0
-__all__ = ['CLIP_SKIPPED', 'AWQ_SETTINGS', 'channel_means', 'activation_means', 'awq_scales', 'weight_means', 'ScaleGroup',
-           'scale_groups', 'fold_group', 'Replay', 'record_block', 'onednn_linear', 'onednn_linears', 'input_gram',
-           'gram_losses', 'grid_losses', 'search_scale', 'search_clip', 'apply_clip', 'awq_block', 'awq_model']
+__all__ = ['CLIP_SKIPPED', 'AWQ_SETTINGS', 'channel_means', 'activation_means', 'awq_scales',
+          'weight_means', 'ScaleGroup', 'scale_groups', 'fold_group', 'Replay', 'record_block',
+          'onednn_linear', 'onednn_linears', 'input_gram', 'gram_losses', 'grid_losses',
+          'search_scale', 'search_clip', 'apply_clip', 'awq_block', 'awq_model']
 
 # %% ../nbs/05_awq.ipynb #dfec5ea2
 def channel_means(x: torch.Tensor, # a layer's inputs, (..., in_features)

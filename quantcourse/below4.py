@@ -1,4 +1,6 @@
-"""HQQ's calibration-free solver derived and written out, random Hadamard rotations that spread outliers, microscaling FP4 (MXFP4, NVFP4) equal to llama.cpp's bytes, and what 2 and 3 bits cost the course model.
+"""HQQ's calibration-free solver derived and written out, random Hadamard rotations that spread
+outliers, microscaling FP4 (MXFP4, NVFP4) equal to llama.cpp's bytes, and what 2 and 3 bits cost the
+course model.
 
 Docs: https://quantcourse.github.io/quantcourse/below4.html.md"""
 
@@ -19,12 +21,13 @@ from .scales import (check_bits, check_group_size, pack, unpack, quantize_weight
 from .nf4 import pack_nibbles, unpack_nibbles
 
 # %% auto #0
-__all__ = ['ROTATABLE', 'RESIDUAL_PARTS', 'E2M1_VALUES', 'MX_BLOCK', 'NV_BLOCK', 'E4M3_MAX', 'E2M1_MAX', 'FP4_FORMATS', 'check_p',
-           'shrink_lp', 'minmax_init', 'hqq_zero', 'HQQWeight', 'check_hqq', 'hqq_quantize', 'HQQLinear',
-           'is_power_of_two', 'hadamard_block', 'fwht', 'sylvester', 'random_signs', 'rotate', 'unrotate', 'incoherent',
-           'coherent', 'kurtosis', 'RotatedWeight', 'RotatedLinear', 'is_plain_rms_norm', 'residual_parts',
-           'fuse_norms', 'rotate_residual', 'W4A4Linear', 'e2m1_codes', 'e8m0_exponent', 'e8m0_scale', 'mxfp4_blocks',
-           'MXFP4Weight', 'NVFP4Weight', 'nvfp4_quantize', 'FP4Linear']
+__all__ = ['ROTATABLE', 'RESIDUAL_PARTS', 'E2M1_VALUES', 'MX_BLOCK', 'NV_BLOCK', 'E4M3_MAX',
+          'E2M1_MAX', 'FP4_FORMATS', 'check_p', 'shrink_lp', 'minmax_init', 'hqq_zero', 'HQQWeight',
+          'check_hqq', 'hqq_quantize', 'HQQLinear', 'is_power_of_two', 'hadamard_block', 'fwht',
+          'sylvester', 'random_signs', 'rotate', 'unrotate', 'incoherent', 'coherent', 'kurtosis',
+          'RotatedWeight', 'RotatedLinear', 'is_plain_rms_norm', 'residual_parts', 'fuse_norms',
+          'rotate_residual', 'W4A4Linear', 'e2m1_codes', 'e8m0_exponent', 'e8m0_scale',
+          'mxfp4_blocks', 'MXFP4Weight', 'NVFP4Weight', 'nvfp4_quantize', 'FP4Linear']
 
 # %% ../nbs/11_below4.ipynb #0554b6c0
 def check_p(p) -> float:

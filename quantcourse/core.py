@@ -1,4 +1,5 @@
-"""Load SmolLM2-135M-Instruct offline, cut Jane Austen into calibration and evaluation tokens, and measure perplexity; the helpers every chapter stands on.
+"""Load SmolLM2-135M-Instruct offline, cut Jane Austen into calibration and evaluation tokens, and
+measure perplexity; the helpers every chapter stands on.
 
 Docs: https://quantcourse.github.io/quantcourse/core.html.md"""
 
@@ -14,15 +15,17 @@ from torch import nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['BUDGETS', 'MODEL_PACKAGE', 'MODEL_NAME', 'INSTALL_MODEL', 'NOVELS', 'TEXT_PACKAGE', 'EVALUATION_NOVEL',
-           'CALIBRATION_NOVELS', 'METHODS', 'course_root', 'cache_dir', 'default_device', 'Budget', 'get_budget',
-           'bundled_gguf', 'load_model', 'text_dir', 'fetch_text', 'unwrap', 'load_text', 'tokenize_text',
-           'eval_tokens', 'calibration_samples', 'token_nll', 'perplexity', 'naive_perplexity', 'window_logits',
-           'kl_to_reference', 'linear_names', 'capture_inputs', 'replace_linears', 'model_size_bytes', 'check_int',
-           'check_number', 'check_choice', 'check_tensor', 'decoder_blocks', 'block_inputs', 'run_block', 'LinearGroup',
-           'linear_groups', 'QuantizedLinear', 'stored_bits', 'model_bits', 'dequantized_copy', 'Method',
-           'register_method', 'layer_classes', 'FrameSlider', 'generate', 'evaluate', 'results_dir', 'record_results',
-           'result_row']
+__all__ = ['BUDGETS', 'MODEL_PACKAGE', 'MODEL_NAME', 'INSTALL_MODEL', 'NOVELS', 'TEXT_PACKAGE',
+          'EVALUATION_NOVEL', 'CALIBRATION_NOVELS', 'METHODS', 'course_root', 'cache_dir',
+          'default_device', 'Budget', 'get_budget', 'bundled_gguf', 'load_model', 'text_dir',
+          'fetch_text', 'unwrap', 'load_text', 'tokenize_text', 'eval_tokens',
+          'calibration_samples', 'token_nll', 'perplexity', 'naive_perplexity', 'window_logits',
+          'kl_to_reference', 'linear_names', 'capture_inputs', 'replace_linears',
+          'model_size_bytes', 'check_int', 'check_number', 'check_choice', 'check_tensor',
+          'decoder_blocks', 'block_inputs', 'run_block', 'LinearGroup', 'linear_groups',
+          'QuantizedLinear', 'stored_bits', 'model_bits', 'dequantized_copy', 'Method',
+          'register_method', 'layer_classes', 'FrameSlider', 'generate', 'evaluate', 'results_dir',
+          'record_results', 'result_row']
 
 # %% ../nbs/00_core.ipynb #8d910e71
 def course_root() -> Path|None:

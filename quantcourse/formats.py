@@ -1,4 +1,5 @@
-"""One description of a number format, a decoder and an encoder built on it, checked bit for bit against torch for FP32, TF32, BF16, FP16, FP8, FP4, INT8 and INT4.
+"""One description of a number format, a decoder and an encoder built on it, checked bit for bit
+against torch for FP32, TF32, BF16, FP16, FP8, FP4, INT8 and INT4.
 
 Docs: https://quantcourse.github.io/quantcourse/formats.html.md"""
 
@@ -12,10 +13,11 @@ import torch
 import pandas as pd
 
 # %% auto #0
-__all__ = ['FP32', 'TF32', 'BF16', 'FP16', 'FP8_E4M3', 'FP8_E5M2', 'FP4_E2M1', 'FLOAT_FORMATS', 'INT8', 'INT4', 'INT_FORMATS',
-           'FORMATS', 'FloatFormat', 'IntFormat', 'decode', 'torch_decode', 'same_values', 'encode', 'round_to',
-           'stress_inputs', 'is_tie', 'torch_encode', 'format_summary', 'simulated_tf32_matmul', 'bit_string',
-           'format_table', 'show_format_table', 'format_explorer']
+__all__ = ['FP32', 'TF32', 'BF16', 'FP16', 'FP8_E4M3', 'FP8_E5M2', 'FP4_E2M1', 'FLOAT_FORMATS',
+          'INT8', 'INT4', 'INT_FORMATS', 'FORMATS', 'FloatFormat', 'IntFormat', 'decode',
+          'torch_decode', 'same_values', 'encode', 'round_to', 'stress_inputs', 'is_tie',
+          'torch_encode', 'format_summary', 'simulated_tf32_matmul', 'bit_string', 'format_table',
+          'show_format_table', 'format_explorer']
 
 # %% ../nbs/01_formats.ipynb #12666df6
 @dataclass(frozen=True)

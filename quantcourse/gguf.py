@@ -1,4 +1,6 @@
-"""llama.cpp's legacy block formats Q4_0 to Q8_0 and the k-quants Q2_K to Q6_K, derived byte by byte, written in torch, equal to the `gguf` package and to llama.cpp's C code, and run as quantized layers.
+"""llama.cpp's legacy block formats Q4_0 to Q8_0 and the k-quants Q2_K to Q6_K, derived byte by
+byte, written in torch, equal to the `gguf` package and to llama.cpp's C code, and run as quantized
+layers.
 
 Docs: https://quantcourse.github.io/quantcourse/gguf.html.md"""
 
@@ -21,26 +23,30 @@ from .core import (check_tensor, cache_dir, bundled_gguf, QuantizedLinear, Metho
                               register_method)
 
 # %% auto #0
-__all__ = ['BLOCK_SIZE', 'QK_K', 'BLOCK_BYTES', 'BLOCK_WEIGHTS', 'TYPE_NAMES', 'LEGACY_TYPES', 'LLAMA_CPP_VERSION', 'QUANTIZERS',
-           'DEQUANTIZERS', 'IMPORTANCE_QUANTIZERS', 'CHUNK_WEIGHTS', 'GGUF_NAMES', 'GGUF_TOP_NAMES', 'MIX_DEFAULTS',
-           'MIXES', 'FALLBACKS', 'LLAMA_CMAKE_ARGS', 'check_type', 'check_rows', 'to_blocks', 'signed_absmax',
-           'block_min', 'block_max', 'inverse', 'pack_nibbles', 'unpack_nibbles', 'float16_bytes', 'float16_values',
-           'symmetric_codes', 'quantize_q4_0', 'dequantize_q4_0', 'affine_codes', 'quantize_q4_1', 'dequantize_q4_1',
-           'pack_high_bits', 'unpack_high_bits', 'quantize_q5_0', 'dequantize_q5_0', 'quantize_q5_1', 'dequantize_q5_1',
-           'round_half_away', 'quantize_q8_0', 'dequantize_q8_0', 'llama_cpp_sdist', 'build_ggml_quants',
-           'reference_quantize', 'sequential_sum', 'nearest_int', 'float32_sqrt', 'weighted_error', 'fit_scale_min',
-           'trial_steps', 'search_scale_min', 'six_bit_codes', 'pack_six_bit', 'unpack_six_bit', 'refit_codes',
-           'fit_super_blocks', 'quantize_q4_k', 'sub_block_steps', 'unpack_low_nibbles', 'dequantize_q4_k',
-           'high_bit_mask', 'unpack_high_bit_mask', 'quantize_q5_k', 'dequantize_q5_k', 'search_symmetric_scale',
-           'pack_two_bit', 'unpack_two_bit', 'pack_q6_codes', 'quantize_q6_k', 'dequantize_q6_k', 'refine_pass',
-           'refine_scale', 'search_q3_codes', 'pack_q3_scales', 'unpack_q3_scales', 'quantize_q3_k', 'dequantize_q3_k',
-           'four_bit_codes', 'quantize_q2_k', 'dequantize_q2_k', 'search_step_codes', 'quantize_q4_k_weighted',
-           'importance_blocks', 'quantize_bytes', 'quantize', 'dequantize', 'GGUFWeight', 'GGUFLinear', 'gguf_name',
-           'llama_tensors', 'use_more_bits', 'fits', 'fallback_type', 'chosen_type', 'gguf_mix', 'tensor_bytes',
-           'mix_bits', 'permute_rows', 'stored_array', 'stored_values', 'gguf_tensors', 'dequantized_model',
-           'llama_metadata', 'copy_fields', 'read_gguf', 'write_gguf', 'llama_cpp_folder', 'build_llama_cpp',
-           'import_llama_cpp', 'open_llama', 'llama_logits', 'llama_greedy', 'llama_quantize', 'greedy_ids',
-           'collect_importance']
+__all__ = ['BLOCK_SIZE', 'QK_K', 'BLOCK_BYTES', 'BLOCK_WEIGHTS', 'TYPE_NAMES', 'LEGACY_TYPES',
+          'LLAMA_CPP_VERSION', 'QUANTIZERS', 'DEQUANTIZERS', 'IMPORTANCE_QUANTIZERS',
+          'CHUNK_WEIGHTS', 'GGUF_NAMES', 'GGUF_TOP_NAMES', 'MIX_DEFAULTS', 'MIXES', 'FALLBACKS',
+          'LLAMA_CMAKE_ARGS', 'check_type', 'check_rows', 'to_blocks', 'signed_absmax', 'block_min',
+          'block_max', 'inverse', 'pack_nibbles', 'unpack_nibbles', 'float16_bytes',
+          'float16_values', 'symmetric_codes', 'quantize_q4_0', 'dequantize_q4_0', 'affine_codes',
+          'quantize_q4_1', 'dequantize_q4_1', 'pack_high_bits', 'unpack_high_bits', 'quantize_q5_0',
+          'dequantize_q5_0', 'quantize_q5_1', 'dequantize_q5_1', 'round_half_away', 'quantize_q8_0',
+          'dequantize_q8_0', 'llama_cpp_sdist', 'build_ggml_quants', 'reference_quantize',
+          'sequential_sum', 'nearest_int', 'float32_sqrt', 'weighted_error', 'fit_scale_min',
+          'trial_steps', 'search_scale_min', 'six_bit_codes', 'pack_six_bit', 'unpack_six_bit',
+          'refit_codes', 'fit_super_blocks', 'quantize_q4_k', 'sub_block_steps',
+          'unpack_low_nibbles', 'dequantize_q4_k', 'high_bit_mask', 'unpack_high_bit_mask',
+          'quantize_q5_k', 'dequantize_q5_k', 'search_symmetric_scale', 'pack_two_bit',
+          'unpack_two_bit', 'pack_q6_codes', 'quantize_q6_k', 'dequantize_q6_k', 'refine_pass',
+          'refine_scale', 'search_q3_codes', 'pack_q3_scales', 'unpack_q3_scales', 'quantize_q3_k',
+          'dequantize_q3_k', 'four_bit_codes', 'quantize_q2_k', 'dequantize_q2_k',
+          'search_step_codes', 'quantize_q4_k_weighted', 'importance_blocks', 'quantize_bytes',
+          'quantize', 'dequantize', 'GGUFWeight', 'GGUFLinear', 'gguf_name', 'llama_tensors',
+          'use_more_bits', 'fits', 'fallback_type', 'chosen_type', 'gguf_mix', 'tensor_bytes',
+          'mix_bits', 'permute_rows', 'stored_array', 'stored_values', 'gguf_tensors',
+          'dequantized_model', 'llama_metadata', 'copy_fields', 'read_gguf', 'write_gguf',
+          'llama_cpp_folder', 'build_llama_cpp', 'import_llama_cpp', 'open_llama', 'llama_logits',
+          'llama_greedy', 'llama_quantize', 'greedy_ids', 'collect_importance']
 
 # %% ../nbs/06_gguf.ipynb #49d4f81c
 BLOCK_SIZE = 32  # weights per block in every legacy type

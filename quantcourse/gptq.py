@@ -1,4 +1,6 @@
-"""Quantize a layer one column at a time and let the columns not yet rounded absorb each rounding error: the derivation, the three moves that make it fast, a widely copied mistake, and what it buys on SmolLM2.
+"""Quantize a layer one column at a time and let the columns not yet rounded absorb each rounding
+error: the derivation, the three moves that make it fast, a widely copied mistake, and what it buys
+on SmolLM2.
 
 Docs: https://quantcourse.github.io/quantcourse/gptq.html.md"""
 
@@ -15,8 +17,8 @@ from .scales import (qrange, scale_zero, fake_quantize, QuantizedWeight, QuantLi
                                 check_bits, check_group_size)
 
 # %% auto #0
-__all__ = ['Hessian', 'reconstruction_error', 'GPTQWeight', 'ColumnGrid', 'damped_inverse_cholesky', 'naive_gptq',
-           'gptq_quantize', 'GPTQLinear']
+__all__ = ['Hessian', 'reconstruction_error', 'GPTQWeight', 'ColumnGrid', 'damped_inverse_cholesky',
+          'naive_gptq', 'gptq_quantize', 'GPTQLinear']
 
 # %% ../nbs/04_gptq.ipynb #8e7794b1
 class Hessian:

@@ -1,4 +1,6 @@
-"""Derive NormalFloat4 from the quantiles of the normal distribution, quantize blockwise with double-quantized scales, reproduce bitsandbytes byte for byte, and measure it on the course model and on a GPU.
+"""Derive NormalFloat4 from the quantiles of the normal distribution, quantize blockwise with
+double-quantized scales, reproduce bitsandbytes byte for byte, and measure it on the course model
+and on a GPU.
 
 Docs: https://quantcourse.github.io/quantcourse/nf4.html.md"""
 
@@ -14,12 +16,13 @@ import torch.nn.functional as F
 from .core import check_tensor, QuantizedLinear, Method, register_method
 
 # %% auto #0
-__all__ = ['NF4_OFFSET', 'BLOCKSIZES', 'QUANT_TYPES', 'WEIGHT_DTYPES', 'NESTED_BLOCKSIZE', 'FAST_PATHS', 'same_bits',
-           'normal_quantiles', 'nf4_code', 'fp4_code', 'to_blocks', 'absmax_scale', 'nearest_level', 'pack_nibbles',
-           'unpack_nibbles', 'code_book', 'byte_table', 'Weight4bit', 'quantize_4bit', 'entropy_bits',
-           'scale_bits_per_weight', 'dynamic_code', 'rounding_table', 'quantize_blockwise_8bit',
-           'dequantize_blockwise_8bit', 'double_quantize', 'NF4Linear', 'triton_dequantize_4bit', 'dequantize_fast',
-           'Linear4bitFunction', 'linear_4bit']
+__all__ = ['NF4_OFFSET', 'BLOCKSIZES', 'QUANT_TYPES', 'WEIGHT_DTYPES', 'NESTED_BLOCKSIZE',
+          'FAST_PATHS', 'same_bits', 'normal_quantiles', 'nf4_code', 'fp4_code', 'to_blocks',
+          'absmax_scale', 'nearest_level', 'pack_nibbles', 'unpack_nibbles', 'code_book',
+          'byte_table', 'Weight4bit', 'quantize_4bit', 'entropy_bits', 'scale_bits_per_weight',
+          'dynamic_code', 'rounding_table', 'quantize_blockwise_8bit', 'dequantize_blockwise_8bit',
+          'double_quantize', 'NF4Linear', 'triton_dequantize_4bit', 'dequantize_fast',
+          'Linear4bitFunction', 'linear_4bit']
 
 # %% ../nbs/07_nf4.ipynb #1269002e
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

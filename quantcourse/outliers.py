@@ -1,4 +1,6 @@
-"""Eight bits are plenty for the weights; the trouble is a few huge activations. Measure them, watch naive INT8 fail on them, then keep them in 16 bits (LLM.int8()) or move them into the weights (SmoothQuant).
+"""Eight bits are plenty for the weights; the trouble is a few huge activations. Measure them, watch
+naive INT8 fail on them, then keep them in 16 bits (LLM.int8()) or move them into the weights
+(SmoothQuant).
 
 Docs: https://quantcourse.github.io/quantcourse/outliers.html.md"""
 
@@ -17,10 +19,11 @@ from .scales import scale_zero, quantize_codes, quantize_weight, QuantizedWeight
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['EXACT_BLOCK', 'GRANULARITIES', 'FLOAT16_MAX', 'ChannelStats', 'input_stats', 'int8_matmul', 'quantize_activations',
-           'W8A8Linear', 'int8_vectorwise_quant', 'RowwiseInt8Weight', 'LLMInt8Linear', 'smooth_scales',
-           'fold_input_factors', 'smooth_norm_linears', 'smooth_up_down', 'smoothing_inputs', 'smooth_block',
-           'smoothing_statistics', 'smooth_model']
+__all__ = ['EXACT_BLOCK', 'GRANULARITIES', 'FLOAT16_MAX', 'ChannelStats', 'input_stats',
+          'int8_matmul', 'quantize_activations', 'W8A8Linear', 'int8_vectorwise_quant',
+          'RowwiseInt8Weight', 'LLMInt8Linear', 'smooth_scales', 'fold_input_factors',
+          'smooth_norm_linears', 'smooth_up_down', 'smoothing_inputs', 'smooth_block',
+          'smoothing_statistics', 'smooth_model']
 
 # %% ../nbs/03_outliers.ipynb #de3bd315
 @dataclass

@@ -1,4 +1,6 @@
-"""LoRA written from scratch around any frozen layer (float, int4 or NF4), set up for training as peft does, checked against peft over bitsandbytes on the CPU, saved in peft's adapter format, and tried on a short fine-tune of the course model.
+"""LoRA written from scratch around any frozen layer (float, int4 or NF4), set up for training as
+peft does, checked against peft over bitsandbytes on the CPU, saved in peft's adapter format, and
+tried on a short fine-tune of the course model.
 
 Docs: https://quantcourse.github.io/quantcourse/qlora.html.md"""
 
@@ -16,12 +18,14 @@ from .scales import Arch, ARCHS
 from .nf4 import NESTED_BLOCKSIZE
 
 # %% auto #0
-__all__ = ['COMPUTE_DTYPES', 'SCHEDULES', 'ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'SETUPS', 'OPTIMIZERS', 'KINDS',
-           'check_lora_settings', 'check_frozen', 'LoRALinear', 'block_linears', 'match_targets', 'add_lora',
-           'lora_layers', 'trainable_parameters', 'prepare_for_kbit_training', 'lr_factor', 'train_lora',
-           'adapter_state_dict', 'adapter_config', 'save_adapters', 'load_adapters', 'lora_delta', 'float_weight',
-           'merged_linear', 'quantize_like', 'merge_lora', 'target_kinds', 'nf4_dq_bytes', 'adam_state_bytes',
-           'activation_bytes', 'trained_numels', 'weight_bytes', 'training_memory']
+__all__ = ['COMPUTE_DTYPES', 'SCHEDULES', 'ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'SETUPS',
+          'OPTIMIZERS', 'KINDS', 'check_lora_settings', 'check_frozen', 'LoRALinear',
+          'block_linears', 'match_targets', 'add_lora', 'lora_layers', 'trainable_parameters',
+          'prepare_for_kbit_training', 'lr_factor', 'train_lora', 'adapter_state_dict',
+          'adapter_config', 'save_adapters', 'load_adapters', 'lora_delta', 'float_weight',
+          'merged_linear', 'quantize_like', 'merge_lora', 'target_kinds', 'nf4_dq_bytes',
+          'adam_state_bytes', 'activation_bytes', 'trained_numels', 'weight_bytes',
+          'training_memory']
 
 # %% ../nbs/08_qlora.ipynb #c2aa8989
 def check_lora_settings(r, alpha, dropout):

@@ -1,4 +1,5 @@
-"""Map float weights to b-bit integers with a scale (and a zero-point), choose how many weights share a scale, pack the codes into bytes, and count every stored bit.
+"""Map float weights to b-bit integers with a scale (and a zero-point), choose how many weights
+share a scale, pack the codes into bytes, and count every stored bit.
 
 Docs: https://quantcourse.github.io/quantcourse/scales.html.md"""
 
@@ -15,10 +16,10 @@ from .core import (replace_linears, check_int, check_tensor, QuantizedLinear, Me
                               register_method)
 
 # %% auto #0
-__all__ = ['ARCHS', 'NF4_DQ_BITS', 'GGML_BITS', 'FORMATS', 'check_bits', 'qrange', 'scale_zero', 'quantize_codes',
-           'dequantize_codes', 'check_group_size', 'QuantizedWeight', 'quantize_weight', 'fake_quantize',
-           'bits_per_weight', 'pack', 'unpack', 'QuantLinear', 'Arch', 'arch_from_config', 'q4_k_m_type',
-           'memory_estimate']
+__all__ = ['ARCHS', 'NF4_DQ_BITS', 'GGML_BITS', 'FORMATS', 'check_bits', 'qrange', 'scale_zero',
+          'quantize_codes', 'dequantize_codes', 'check_group_size', 'QuantizedWeight',
+          'quantize_weight', 'fake_quantize', 'bits_per_weight', 'pack', 'unpack', 'QuantLinear',
+          'Arch', 'arch_from_config', 'q4_k_m_type', 'memory_estimate']
 
 # %% ../nbs/02_scales.ipynb #91cdc442
 def check_bits(bits, name: str = 'bits') -> int:
