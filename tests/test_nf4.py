@@ -255,3 +255,70 @@ def test_other_bad_input():
     with pytest.raises(ValueError, match='NaN or Inf'): quantize_blockwise_8bit(torch.tensor([1.0, float('nan')]), dynamic_code())
     with pytest.raises(ValueError, match='positive int'): quantize_blockwise_8bit(torch.ones(8), dynamic_code(), 0)
     with pytest.raises(ValueError, match='at most 256 levels'): quantize_blockwise_8bit(torch.ones(8), torch.linspace(-1, 1, 300))
+
+
+# ---------------------------------------------------------------- the CUDA path's pieces, checked on the CPU
+from quantcourse.nf4 import FAST_PATHS, Linear4bitFunction, linear_4bit, triton_dequantize_4bit
+import importlib.util, os, subprocess, sys
+from torch.autograd.graph import saved_tensors_hooks
+
+def saved_sizes(fn):
+    sizes = []
+    def pack(t): sizes.append(t.numel() * t.element_size()); return t
+    with saved_tensors_hooks(pack, lambda t: t): out = fn()
+    return sizes, out
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float32, 1e-6), (torch.bfloat16, 2 ** -8)])
+@pytest.mark.parametrize('double_quant', [False, True])
+@pytest.mark.parametrize('with_bias', [False, True])
+def test_linear_4bit_matches_dequantize_then_matmul(dtype, tol, double_quant, with_bias):
+    "The autograd function: the reference's output and input gradient (relative `tol`), without saving the weight."
+    w4 = quantize_4bit(weight((48, 200), seed=3), 64, 'nf4', double_quant)
+    bias = weight((48,), seed=4).to(dtype) if with_bias else None
+    x = torch.randn(2, 7, 200, generator=torch.Generator().manual_seed(5)).to(dtype)
+    grad_y = torch.randn(2, 7, 48, generator=torch.Generator().manual_seed(6)).to(dtype)
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref = F.linear(x_ref, w4.dequantize(dtype), bias)
+    sizes, y_ours = saved_sizes(lambda: linear_4bit(x_ours, w4, bias))
+    y_ref.backward(grad_y); y_ours.backward(grad_y)
+    assert y_ours.dtype == dtype and x_ours.grad.dtype == dtype
+    torch.testing.assert_close(y_ours.float(), y_ref.float(), rtol=0, atol=tol * y_ref.abs().max().item())
+    torch.testing.assert_close(x_ours.grad.float(), x_ref.grad.float(), rtol=0, atol=tol * x_ref.grad.abs().max().item())
+    assert all(size < w4.numel for size in sizes)  # nothing of the dequantized weight's size is kept
+
+def test_linear_4bit_without_input_grad():
+    w4 = quantize_4bit(weight((32, 64)), 64, 'nf4', True)
+    x = torch.randn(3, 64)
+    with torch.no_grad(): assert torch.equal(linear_4bit(x, w4), F.linear(x, w4.dequantize(torch.float32)))
+    assert torch.equal(Linear4bitFunction.apply(x, w4, None, Weight4bit.dequantize), linear_4bit(x, w4))
+
+def test_nf4_linear_fast_path_is_cuda_only_and_equal():
+    "On the CPU the layer computes by the reference path; routed through linear_4bit it gives the same output."
+    assert FAST_PATHS.get('cpu') is None and FAST_PATHS['cuda'] is linear_4bit
+    layer = NF4Linear.from_linear(nn.Linear(64, 32), double_quant=True, compute_dtype=torch.bfloat16)
+    x = torch.randn(5, 64, requires_grad=True)
+    reference = layer(x)
+    FAST_PATHS['cpu'] = linear_4bit
+    try: fast = layer(x)
+    finally: del FAST_PATHS['cpu']
+    torch.testing.assert_close(fast, reference, rtol=0, atol=0)
+
+@pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='triton is not installed')
+def test_triton_kernel_in_the_interpreter():
+    "The fused kernel, run by triton's CPU interpreter: Weight4bit.dequantize's float32 bits."
+    script = '''
+import torch
+from quantcourse.nf4 import quantize_4bit, triton_dequantize_4bit, same_bits
+g = torch.Generator().manual_seed(0)
+for shape, qt, dq in [((96, 200), 'nf4', True), ((64, 64), 'fp4', False), ((7, 111), 'nf4', True), ((33, 64), 'fp4', True)]:
+    w = quantize_4bit(torch.randn(shape, generator=g), 64, qt, dq)
+    assert same_bits(triton_dequantize_4bit(w, torch.float32, bytes_per_program=64), w.dequantize(torch.float32)), shape
+'''
+    run = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                         env=os.environ | {'TRITON_INTERPRET': '1'})
+    assert run.returncode == 0, run.stderr[-3000:]
+
+@pytest.mark.skipif(importlib.util.find_spec('triton') is not None, reason='triton is installed')
+def test_triton_dequantize_without_triton_says_so():
+    with pytest.raises(RuntimeError, match='triton is not installed'):
+        triton_dequantize_4bit(quantize_4bit(weight((8, 64))))

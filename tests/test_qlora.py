@@ -236,3 +236,22 @@ def test_training_memory_bad_input():
         with pytest.raises(error, match=re.escape(words)): training_memory('Llama-3 8B', **kwargs)
     with pytest.raises(ValueError, match='is unknown'): training_memory('Llama-9 1B')
     with pytest.raises(TypeError, match='arch must be an Arch'): training_memory(3)
+
+
+def test_lora_over_the_4bit_autograd_function_matches_the_reference_path():
+    "QLoRA through NF4Linear's CUDA path (linear_4bit, forced on the CPU): same output and grads of A, B and x."
+    from quantcourse.nf4 import FAST_PATHS, linear_4bit
+    torch.manual_seed(0)
+    base = NF4Linear.from_linear(nn.Linear(96, 64), 64, 'nf4', True, compute_dtype=torch.float32)
+    lora = LoRALinear(base, r=R, alpha=ALPHA)
+    with torch.no_grad(): lora.lora_B.weight.normal_(std=0.1)
+    x = torch.randn(3, 5, 96)
+    def run():
+        lora.zero_grad(); xi = x.clone().requires_grad_()
+        y = lora(xi); (y * torch.linspace(-1, 1, 64)).sum().backward()
+        return y.detach(), lora.lora_A.weight.grad.clone(), lora.lora_B.weight.grad.clone(), xi.grad
+    reference = run()
+    FAST_PATHS['cpu'] = linear_4bit
+    try: fast = run()
+    finally: del FAST_PATHS['cpu']
+    for a, b in zip(fast, reference): torch.testing.assert_close(a, b, rtol=0, atol=GRAD_ATOL)
