@@ -112,8 +112,12 @@ def test_stacked_layers_equal_separate_layers():
 
 def test_not_positive_definite_gets_more_damping():
     with pytest.warns(RuntimeWarning, match='my.layer: the Hessian is not positive definite'):
-        U, damp = damped_inverse_cholesky(torch.tensor([[1., 2.], [2., 1.]]), name='my.layer')
-    assert torch.isfinite(U).all() and damp > 1
+        # eigenvalues 4 and -2: damping 0.01, 0.1 and 1 leave it indefinite, 10 makes it definite
+        # ([[1, 2], [2, 1]] would land exactly on a singular matrix at damping 1, where float32
+        # rounding, which differs between CPUs, decides)
+        U, damp = damped_inverse_cholesky(torch.tensor([[1., 3.], [3., 1.]]), name='my.layer')
+    assert torch.isfinite(U).all()
+    assert damp == pytest.approx(10.0)
     # a rank-deficient Hessian (fewer tokens than inputs) with no damping at all
     W, H = random_layer(8, 64, seed=5, tokens=10, dtype=torch.float32)
     with warnings.catch_warnings(record=True) as caught:
