@@ -465,7 +465,8 @@ def triton_dequantize_4bit(weight: Weight4bit,
         raise RuntimeError("triton is not installed; use weight.dequantize(dtype), or install "
                            "torch with CUDA (it brings triton)")
     dtype = dtype or weight.dtype
-    if dtype not in WEIGHT_DTYPES: raise ValueError(f"dtype must be one of {WEIGHT_DTYPES}, got {dtype}")
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype must be one of {WEIGHT_DTYPES}, got {dtype}")
     device = weight.packed.device
     out = torch.empty(weight.shape, dtype=dtype, device=device)
     nested = weight.nested_absmax if weight.double_quant else weight.absmax  # unread if plain
