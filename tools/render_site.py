@@ -1,5 +1,5 @@
 "Render the website into _docs/: with Quarto (nbdev-docs) where it is installed, else with smalldocs."
-import shutil, subprocess, sys, tarfile
+import json, shutil, subprocess, sys, tarfile
 from pathlib import Path
 
 KATEX_VERSION = '0.16.11'  # the version smalldocs links to
@@ -28,6 +28,19 @@ def vendor_katex(docs: Path, tgz: Path):
             rel = Path(*(['..'] * (len(page.relative_to(docs).parts) - 1)), 'site_libs', 'katex').as_posix()
             page.write_text(html.replace(KATEX_CDN, rel))
 
+WIDGET = 'application/vnd.jupyter.widget-view+json'
+WIDGET_NOTE = '*An interactive widget: it runs when you open the notebook in Jupyter.*'
+
+def describe_bare_widgets(proc: Path):
+    "Replace the text repr of a widget output with no HTML (e.g. `VBox(children=...)`) by a line saying what it is."
+    for nb_path in proc.glob('*.ipynb'):
+        nb, changed = json.loads(nb_path.read_text()), False
+        for out in (o for c in nb['cells'] for o in c.get('outputs', [])):
+            data = out.get('data', {})
+            if WIDGET in data and not any(m in data for m in ('text/html', 'image/png', 'image/svg+xml')):
+                out['data'], changed = {'text/markdown': WIDGET_NOTE}, True
+        if changed: nb_path.write_text(json.dumps(nb, indent=1))
+
 def render(root: Path = Path('.')) -> Path:
     "Build the site from nbs/_quarto.yml into root/_docs and return the path of its index.html."
     root = root.resolve()
@@ -37,6 +50,7 @@ def render(root: Path = Path('.')) -> Path:
     else:
         subprocess.run([str(bin_dir/'nbdev-proc-nbs')], cwd=root, check=True)
         proc, docs = root/'_proc', root/'_docs'
+        describe_bare_widgets(proc)
         subprocess.run([str(bin_dir/'smalldocs'), 'render', '--quiet', str(proc)], cwd=root, check=True)
         built = proc/'_docs'
         if docs.exists(): shutil.rmtree(docs)
