@@ -231,3 +231,8 @@ def test_widgets_without_html_show_a_note_not_their_repr(site):
             plain = ''.join(data.get('text/plain', ''))
             assert plain[:40] not in unescape(page), f'{nb.stem}.html shows a widget as its repr {plain[:40]!r}'
             assert WIDGET_NOTE.strip('*')[:40] in page, f'{nb.stem}.html lacks the note for a widget'
+
+def test_no_empty_output_boxes(site):
+    "A stream output of only whitespace (a cleared progress bar's newline) does not become an empty box on a page."
+    for page in site.glob('*.html'):
+        assert not re.search(r'cell-output-std(?:err|out)">\s*<pre><code>\s*</code>', page.read_text()), f'{page.name} has an empty output box'
