@@ -208,11 +208,13 @@ p.appendChild(document.createElement('br'));p.appendChild(s);var cs=getComputedS
 var room=p.clientWidth-parseFloat(cs.paddingLeft)-parseFloat(cs.paddingRight);
 if(s.getClientRects().length!==1||s.getBoundingClientRect().width>room+0.5)out.push('a LINE-character line wraps: room '+room);
 if(document.documentElement.scrollWidth>window.innerWidth)out.push('the page scrolls sideways');
+document.querySelectorAll('#quarto-margin-sidebar, #quarto-sidebar').forEach(function(e){
+if(e.scrollWidth>e.clientWidth+1)out.push(e.id+' scrolls sideways');});
 document.body.setAttribute('data-width',out.join(';')||'ok');});</script></body>"""
 
 @pytest.mark.skipif(not CHROMIUM, reason='needs Chromium (Debian: apt-get install chromium)')
 def test_no_code_scrolls_sideways_in_headless_chromium(site, tmp_path):
-    "In a 1,400-pixel window no code block or output of any page scrolls sideways, and a 100-character line stays on one line."
+    "In a 1,400-pixel window no code block, output or sidebar of any page scrolls sideways, and a 100-character line stays on one line."
     probe = _WIDTH_PROBE.replace('LINE', str(LINE))
     for page in sorted(site.glob('*.html')):
         if 'div class="sourceCode' not in page.read_text(): continue
