@@ -60,14 +60,14 @@ function(s){var i=s.querySelector('input'),m=s.querySelector('img'),a=m.src;i.va
 i.dispatchEvent(new Event('input'));out.push((a!==m.src)+'|'+s.querySelector('output').textContent);});
 document.body.setAttribute('data-sliders',out.join(';'));});</script></body>"""
 
-def _chromium_dom(page: Path, probe: str, profile: Path) -> str:
-    "The DOM of `page` after headless Chromium loaded it with the script `probe` (ending in `</body>`) added."
+def _chromium_dom(page: Path, probe: str, profile: Path, window: str = '1400,900') -> str:
+    "The DOM of `page` after headless Chromium loaded it, in a `window` of width,height pixels, with the script `probe` (ending in `</body>`) added."
     copy = page.parent/f'_probe_{page.name}'
     copy.write_text(page.read_text().replace('</body>', probe))
     try:
         return subprocess.run([CHROMIUM, '--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
                                '--disable-component-update', '--disable-sync', f'--user-data-dir={profile}',
-                               '--virtual-time-budget=5000', '--dump-dom', copy.as_uri()],
+                               f'--window-size={window}', '--virtual-time-budget=5000', '--dump-dom', copy.as_uri()],
                               capture_output=True, text=True, timeout=120).stdout
     finally: copy.unlink()
 
@@ -166,3 +166,75 @@ def test_module_lines_fit_the_site():
     long = [f'{p.name}:{i}' for p in sorted((root / 'quantcourse').glob('*.py')) if p.name != '_modidx.py'
             for i, line in enumerate(wrap.wrap_module(p.read_text()).splitlines(), 1) if len(line) > 100]
     assert long == [], f"lines over 100 characters: {long}; wrap them in the notebook cell"
+
+WINDOW, SCROLLBAR, LINE = 1400, 15, 100  # a reader's window (pixels), its scrollbar, the longest code line to fit unwrapped
+MONO_EM = 0.61  # the advance of one monospace character in em (DejaVu Sans Mono, Menlo 0.602; Liberation Mono 0.6)
+
+def _block(css: str, selector: str) -> str:
+    "The declarations of every rule of `css` whose whole selector is `selector`, joined in order."
+    return ' '.join(re.findall(r'(?:^|[};])\s*' + re.escape(selector) + r'\s*\{([^}]*)\}', css, re.M))
+
+def _length(value: str, rem: float) -> float:
+    "Pixels of a CSS length in px or rem."
+    number, unit = re.fullmatch(r'\s*([\d.]+)(px|rem)\s*', value).groups()
+    return float(number) * (rem if unit == 'rem' else 1)
+
+def _css_layout(site: Path) -> dict:
+    "The widths (pixels) that smalldocs' grid uses, with the course's styles.css read after smalldocs.css as on every page."
+    css = (site/'site_libs'/'smalldocs.css').read_text() + '\n' + (site/'styles.css').read_text()
+    rem = float(re.search(r'html\s*\{[^}]*font-size:\s*var\(--sd-root-font-size,\s*([\d.]+)px\)', css).group(1))
+    found = {}
+    for selector in (':root', '#quarto-content'):
+        for name, value in re.findall(r'(--[\w-]+)\s*:\s*([^;]+)', _block(css, selector)): found[name] = value
+    widths = {k: _length(found[f'--{k}'], rem) for k in ('sd-sidebar-width', 'sd-margin-width', 'sd-body-width', 'sd-gap', 'sd-pad')}
+    return dict(widths, rem=rem, code_font=_length(found['--qc-code-font-size'], rem))
+
+def test_code_lines_of_100_characters_fit_a_1400_pixel_window(site):
+    "In a 1,400-pixel window the body column holds a 100-character code line, and longer lines wrap rather than scroll."
+    w = _css_layout(site)
+    beside = w['sd-sidebar-width'] + w['sd-margin-width'] + 2 * w['sd-gap'] + 2 * w['sd-pad']
+    body = min(w['sd-body-width'], WINDOW - SCROLLBAR - beside)
+    needed = LINE * MONO_EM * w['code_font'] + 2 * w['rem']  # the characters and the block's padding of 1rem a side
+    assert body >= needed, f'the body column is {body:.0f} px at {WINDOW} px; a {LINE}-character code line needs {needed:.0f} px'
+    styles = (site/'styles.css').read_text()
+    assert re.search(r'^pre\b[^{]*\{[^}]*font-size:\s*var\(--qc-code-font-size\)', styles, re.M), 'styles.css no longer sizes code by --qc-code-font-size'
+    assert re.search(r'div\.sourceCode pre[^{]*\{[^}]*white-space:\s*pre-wrap', styles), 'code blocks no longer wrap long lines'
+    assert re.search(r'\.cell-output pre[^{]*\{[^}]*white-space:\s*pre-wrap', styles), 'printed output no longer wraps long lines'
+
+_WIDTH_PROBE = """<script>window.addEventListener('load',function(){var out=[];document.querySelectorAll('main pre').forEach(
+function(p){if(p.scrollWidth>p.clientWidth+1)out.push('scrolls:'+p.textContent.slice(0,60));});
+var p=document.querySelector('div.sourceCode pre'),s=document.createElement('span');s.textContent='x'.repeat(LINE);
+p.appendChild(document.createElement('br'));p.appendChild(s);var cs=getComputedStyle(p);
+var room=p.clientWidth-parseFloat(cs.paddingLeft)-parseFloat(cs.paddingRight);
+if(s.getClientRects().length!==1||s.getBoundingClientRect().width>room+0.5)out.push('a LINE-character line wraps: room '+room);
+if(document.documentElement.scrollWidth>window.innerWidth)out.push('the page scrolls sideways');
+document.querySelectorAll('#quarto-margin-sidebar, #quarto-sidebar').forEach(function(e){
+if(e.scrollWidth>e.clientWidth+1)out.push(e.id+' scrolls sideways');});
+document.body.setAttribute('data-width',out.join(';')||'ok');});</script></body>"""
+
+@pytest.mark.skipif(not CHROMIUM, reason='needs Chromium (Debian: apt-get install chromium)')
+def test_no_code_scrolls_sideways_in_headless_chromium(site, tmp_path):
+    "In a 1,400-pixel window no code block, output or sidebar of any page scrolls sideways, and a 100-character line stays on one line."
+    probe = _WIDTH_PROBE.replace('LINE', str(LINE))
+    for page in sorted(site.glob('*.html')):
+        if 'div class="sourceCode' not in page.read_text(): continue
+        result = re.search(r'data-width="([^"]*)"', _chromium_dom(page, probe, tmp_path, f'{WINDOW},900'))
+        assert result, f'{page.name}: the probe did not run'
+        assert unescape(result.group(1)) == 'ok', f'{page.name}: {unescape(result.group(1))}'
+
+def test_widgets_without_html_show_a_note_not_their_repr(site):
+    "A widget output that has no HTML of its own (an ipywidgets box) shows a line saying it runs in Jupyter, not `VBox(children=...)`."
+    from render_site import WIDGET, WIDGET_NOTE
+    for nb in _notebooks():
+        page = (site/f'{nb.stem}.html').read_text()
+        for out in (o for c in json.loads(nb.read_text())['cells'] for o in c.get('outputs', [])):
+            data = out.get('data', {})
+            if WIDGET not in data or 'text/html' in data: continue
+            plain = ''.join(data.get('text/plain', ''))
+            assert plain[:40] not in unescape(page), f'{nb.stem}.html shows a widget as its repr {plain[:40]!r}'
+            assert WIDGET_NOTE.strip('*')[:40] in page, f'{nb.stem}.html lacks the note for a widget'
+
+def test_no_empty_output_boxes(site):
+    "A stream output of only whitespace (a cleared progress bar's newline) does not become an empty box on a page."
+    for page in site.glob('*.html'):
+        assert not re.search(r'cell-output-std(?:err|out)">\s*<pre><code>\s*</code>', page.read_text()), f'{page.name} has an empty output box'
