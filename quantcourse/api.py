@@ -24,8 +24,9 @@ __all__ = ['QUANTIZED_FILE', 'RECIPE_FILE', 'COMMANDS', 'QuantReport', 'quantize
           'save_quantized', 'load_quantized', 'to_ct_codes', 'from_ct_codes', 'ct_scheme',
           'ct_tensors', 'ct_config', 'export_compressed_tensors', 'load_compressed_tensors',
           'UsageError', 'CommandParser', 'positive_int', 'group_size', 'command_parser',
-          'setting_value', 'method_settings', 'model_source', 'output_target', 'quantize_command',
-          'load_quantized_folder', 'text_file_tokens', 'eval_command', 'summary_table', 'main']
+          'setting_value', 'method_settings', 'model_source', 'output_target', 'chosen_linears',
+          'quantize_command', 'load_quantized_folder', 'text_file_tokens', 'eval_command',
+          'summary_table', 'main']
 
 # %% ../nbs/20_api.ipynb #e6b22fb3
 @dataclass
@@ -602,6 +603,8 @@ def command_parser() -> CommandParser:
                    help="any other setting of the method")
     q.add_argument('--out', help='folder to write model.safetensors and recipe.json into')
     q.add_argument('--gguf', help='write a GGUF file of the file type --method instead')
+    q.add_argument('--only', action='append', metavar='TEXT', help='quantize only the linears '
+                   'whose full name contains TEXT (repeatable), e.g. model.layers.0.')
     q.add_argument('--calib-samples', type=positive_int)
     q.add_argument('--seed', type=int, default=0)
     e = commands.add_parser('eval', help="perplexity of a quantized folder or a GGUF file")
@@ -671,6 +674,14 @@ def output_target(out: str|None, gguf_file: str|None) -> Path:
 # %% ../nbs/20_api.ipynb #e4e90b73
 QUANTIZED_FILE, RECIPE_FILE = 'model.safetensors', 'recipe.json'
 
+def chosen_linears(model, only: list[str]|None) -> list[str]|None:
+    "Full names of the linears that contain one of the texts in `only` (None: all of them)."
+    if not only: return None
+    names = [n for n in linear_names(model) if any(text in n for text in only)]
+    if not names: raise UsageError(f"--only {' '.join(only)} matches no linear layer; give part of "
+                                   f"a name such as {linear_names(model)[0]!r}")
+    return names
+
 def quantize_command(args) -> dict:
     "Run `quantize`: check the command line, quantize, write; the summary as a dict."
     target, gguf_file = output_target(args.out, args.gguf), args.gguf is not None
@@ -692,6 +703,7 @@ def quantize_command(args) -> dict:
         calibration = calibration_samples(tokenizer, args.calib_samples or budget.calib_samples,
                                           budget.calib_seq_len, seed=args.seed)
     report = quantize_model(model, args.method, calibration=calibration,
+                            names=chosen_linears(model, args.only),
                             progress=not args.no_progress, **settings)
     target.mkdir(parents=True, exist_ok=True)
     save_quantized(model, target/QUANTIZED_FILE)

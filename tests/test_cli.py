@@ -1,7 +1,7 @@
 "`python -m quantcourse`: quantize the course model into a folder, eval it, and the errors a command line can make."
 import copy, dataclasses, os, subprocess, sys
 import pytest
-from quantcourse.core import evaluate, get_budget
+from quantcourse.core import evaluate, get_budget, linear_names
 from quantcourse.api import quantize_model, main
 from conftest import ROOT
 
@@ -19,17 +19,19 @@ def summary(stdout: str) -> dict:
 
 def test_quantize_then_eval_matches_the_same_calls_in_process(tmp_path, course_model):
     out = tmp_path/'rtn'
-    done = run('quantize', '--method', 'rtn', '--bits', 4, '--group-size', 64, '--out', out, '--device', 'cpu')
+    done = run('quantize', '--method', 'rtn', '--bits', 4, '--group-size', 64, '--only', 'model.layers.0.',
+               '--only', 'model.layers.29.', '--out', out, '--device', 'cpu')
     assert done.returncode == 0, done.stderr
     done_quantize, printed = done, summary(done.stdout)
-    assert printed['method'] == 'rtn' and printed['layers'] == '210'
+    assert printed['method'] == 'rtn' and printed['layers'] == '14'
     assert (out/'model.safetensors').exists() and (out/'recipe.json').exists()
     done = run('eval', out, '--eval-tokens', EVAL_TOKENS, '--budget', 'small', '--device', 'cpu', '--no-progress')
     assert done.returncode == 0, done.stderr
     printed = summary(done.stdout)
     model, tokenizer = course_model
     quantized = copy.deepcopy(model)
-    report = quantize_model(quantized, 'rtn', bits=4, group_size=64, progress=False)
+    names = [n for n in linear_names(model) if n.startswith(('model.layers.0.', 'model.layers.29.'))]
+    report = quantize_model(quantized, 'rtn', bits=4, group_size=64, names=names, progress=False)
     assert report.bits_per_weight == pytest.approx(float(summary(done_quantize.stdout)["bits_per_weight"]), abs=1e-4)
     budget = dataclasses.replace(get_budget('small'), eval_tokens=EVAL_TOKENS)
     expected = evaluate(quantized, tokenizer, budget, progress=False)['perplexity']
@@ -50,6 +52,7 @@ def test_a_bad_command_line_exits_2_with_one_line(tmp_path):
     (['quantize', '--group-size', '0', '--out', '{tmp}'], "0 must be at least 1"),
     (['quantize', '--calib-samples', '-3', '--out', '{tmp}'], "-3 must be at least 1"),
     (['quantize', './no/such/model', '--out', '{tmp}'], "does not exist"),
+    (['quantize', '--only', 'nowhere', '--out', '{tmp}'], "matches no linear layer"),
     (['quantize', 'missing.gguf', '--out', '{tmp}'], "does not exist"),
     (['quantize', '--method', 'rtn'], "give --out DIR"),
     (['quantize', '--method', 'rtn', '--out', '{tmp}', '--gguf', 'x.gguf'], "give --out DIR"),
