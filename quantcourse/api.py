@@ -598,15 +598,18 @@ def command_parser() -> CommandParser:
                    '(default: the course model)')
     q.add_argument('--method', default='rtn', help="a registered method, e.g. rtn, gptq, awq, "
                    "nf4; with --gguf a llama.cpp file type, e.g. Q4_K_M")
-    q.add_argument('--bits', type=positive_int); q.add_argument('--group-size', type=group_size)
+    q.add_argument('--bits', type=positive_int, help="the method's bits setting, e.g. 4")
+    q.add_argument('--group-size', type=group_size, help="weights per group: a number, 'channel' "
+                   "or 'tensor'")
     q.add_argument('--set', action='append', default=[], metavar='NAME=VALUE',
                    help="any other setting of the method")
     q.add_argument('--out', help='folder to write model.safetensors and recipe.json into')
     q.add_argument('--gguf', help='write a GGUF file of the file type --method instead')
     q.add_argument('--only', action='append', metavar='TEXT', help='quantize only the linears '
                    'whose full name contains TEXT (repeatable), e.g. model.layers.0.')
-    q.add_argument('--calib-samples', type=positive_int)
-    q.add_argument('--seed', type=int, default=0)
+    q.add_argument('--calib-samples', type=positive_int, help='calibration sequences (default: '
+                   "the budget's)")
+    q.add_argument('--seed', type=int, default=0, help='which calibration windows are drawn')
     e = commands.add_parser('eval', help="perplexity of a quantized folder or a GGUF file")
     e.add_argument('path', help='a folder written by quantize, or a .gguf file')
     e.add_argument('--text', help='a UTF-8 text file (default: the evaluation novel)')

@@ -38,6 +38,13 @@ def test_quantize_then_eval_matches_the_same_calls_in_process(tmp_path, course_m
     assert float(printed['perplexity']) == pytest.approx(expected, rel=1e-5)
     assert (printed['tokens'], printed['context']) == (str(EVAL_TOKENS), str(budget.context))
 
+def test_gguf_file_type_writes_a_gguf_file(tmp_path, capsys):
+    from quantcourse.gguf import read_gguf
+    assert main(['quantize', '--method', 'q8_0', '--gguf', str(tmp_path/'m.gguf'), '--device', 'cpu']) == 0
+    assert summary(capsys.readouterr().out)['file_type'] == 'Q8_0'
+    types = {t.name: t.tensor_type.name for t in read_gguf(tmp_path/'m.gguf').tensors}
+    assert types['blk.0.attn_q.weight'] == 'Q8_0' and types['blk.0.attn_norm.weight'] == 'F32'
+
 def test_a_bad_command_line_exits_2_with_one_line(tmp_path):
     done = run('quantize', '--method', 'int3', '--out', tmp_path)
     assert done.returncode == 2 and done.stdout == ''
