@@ -723,7 +723,7 @@ def quantize_command(args) -> dict:
 
 # %% ../nbs/20_api.ipynb #c9b2e497
 def load_quantized_folder(folder: Path, device=None):
-    "`(model, tokenizer)` from a folder `quantize` wrote: its base model, then its quantized layers."
+    "`(model, tokenizer)` from a folder `quantize` wrote: base model, then quantized layers."
     recipe_file = folder/RECIPE_FILE
     if not recipe_file.exists() or not (folder/QUANTIZED_FILE).exists():
         raise UsageError(f"{folder} has no {RECIPE_FILE} and {QUANTIZED_FILE}; give a folder "
@@ -775,7 +775,7 @@ def summary_table(summary: dict) -> str:
 COMMANDS = {'quantize': quantize_command, 'eval': eval_command}
 
 def main(argv: list[str]|None = None) -> int:
-    "`python -m quantcourse ...`: run the command `argv` (default: `sys.argv[1:]`), return the status."
+    "Run the command line `argv` (default: `sys.argv[1:]`); return the exit status."
     try:
         args = command_parser().parse_args(argv)
         summary = COMMANDS[args.command](args)
