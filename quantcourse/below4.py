@@ -297,7 +297,7 @@ def gptq_rotated(W: torch.Tensor, # the rotated weight R_out W R_in^T, (out_feat
 ROTATABLE = {'rtn': QuantLinear, 'hqq': HQQLinear, 'gptq': QuantLinear}
 
 class RotatedLinear(QuantizedLinear):
-    "An `nn.Linear` quantized by `base` ('rtn', 'hqq', 'gptq') after random Hadamard rotations, both sides."
+    "An `nn.Linear` quantized by `base` ('rtn', 'hqq', 'gptq') after random Hadamard rotations."
     method = 'rotated'
     def __init__(self, in_features: int, out_features: int, base: str = 'hqq', bits: int = 4,
                  group_size: int = 64, seed: int = 0, bias: bool = True):
@@ -316,7 +316,7 @@ class RotatedLinear(QuantizedLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, base: str = 'hqq', bits: int = 4, group_size: int = 64,
                     seed: int = 0, **options):
-        "Rotate `linear`'s weight on both sides, quantize it with `base` (HQQ, GPTQ take `options`)."
+        "Rotate `linear`'s weight on both sides, quantize it with `base` (HQQ, GPTQ: `options`)."
         layer = cls(linear.in_features, linear.out_features, base, bits, group_size, seed,
                     linear.bias is not None).to(linear.weight.device)
         W = incoherent(linear.weight.detach().float(), layer.out_signs, layer.in_signs)
@@ -366,8 +366,8 @@ register_method(Method('gptq_rot', RotatedLinear,
                             percdamp=0.01, block_size=128),
                        _rotated('gptq'), needs_calibration=True, collect=_input_hessian,
                        baseline='rtn_rot',
-                       doc='GPTQ (act order, static groups) after random Hadamard rotations of both '
-                           'sides, on the rotated Hessian'))
+                       doc='GPTQ (act order, static groups) after random Hadamard rotations '
+                           'of both sides, on the rotated Hessian'))
 
 # %% ../nbs/11_below4.ipynb #64cf672c
 def is_plain_rms_norm(norm: nn.Module) -> bool:

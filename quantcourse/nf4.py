@@ -17,11 +17,12 @@ from .core import check_tensor, QuantizedLinear, Method, register_method
 
 # %% auto #0
 __all__ = ['NF4_OFFSET', 'BLOCKSIZES', 'QUANT_TYPES', 'WEIGHT_DTYPES', 'NESTED_BLOCKSIZE',
-          'same_bits', 'normal_quantiles', 'nf4_code', 'fp4_code', 'to_blocks', 'absmax_scale',
-          'nearest_level', 'pack_nibbles', 'unpack_nibbles', 'code_book', 'byte_table',
-          'Weight4bit', 'quantize_4bit', 'entropy_bits', 'scale_bits_per_weight', 'dynamic_code',
-          'rounding_table', 'quantize_blockwise_8bit', 'dequantize_blockwise_8bit',
-          'double_quantize', 'NF4Linear']
+          'FAST_PATHS', 'same_bits', 'normal_quantiles', 'nf4_code', 'fp4_code', 'to_blocks',
+          'absmax_scale', 'nearest_level', 'pack_nibbles', 'unpack_nibbles', 'code_book',
+          'byte_table', 'Weight4bit', 'quantize_4bit', 'entropy_bits', 'scale_bits_per_weight',
+          'dynamic_code', 'rounding_table', 'quantize_blockwise_8bit', 'dequantize_blockwise_8bit',
+          'double_quantize', 'NF4Linear', 'triton_dequantize_4bit', 'dequantize_fast',
+          'Linear4bitFunction', 'linear_4bit']
 
 # %% ../nbs/07_nf4.ipynb #1269002e
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -331,6 +332,9 @@ def _dtype(value) -> torch.dtype|None:
     "A torch dtype from itself or its name ('bfloat16'), as configs store it; None stays None."
     return getattr(torch, value) if isinstance(value, str) else value
 
+# device type -> fn(x, weight, bias) that replaces the reference computation on that device
+FAST_PATHS: dict = {}
+
 class NF4Linear(QuantizedLinear):
     "An `nn.Linear` whose weight is kept blockwise in 4 bits (NF4 or FP4), dequantized per forward."
     method = 'nf4'
@@ -396,6 +400,8 @@ class NF4Linear(QuantizedLinear):
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
+        fast_path = FAST_PATHS.get(x.device.type)  # CUDA's is registered below
+        if fast_path is not None: return fast_path(x.to(dtype), self.weight(), bias).to(x.dtype)
         return F.linear(x.to(dtype), self.weight().dequantize(dtype), bias).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -416,3 +422,87 @@ for _name in QUANT_TYPES:
                                 compute_dtype=None),
                            _4bit, doc=f"bitsandbytes' {_name.upper()} code book, blockwise absmax "
                                       "(double_quant: 8-bit scales)"))
+
+# %% ../nbs/07_nf4.ipynb #53b3672e
+try:  # comes with CUDA builds of torch; nothing on the CPU path needs it
+    import triton
+    import triton.language as tl
+except ImportError: triton = None
+
+# %% ../nbs/07_nf4.ipynb #4fbc3718
+if triton is not None:
+    @triton.jit
+    def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code_ptr, nested_ptr, nested_code_ptr,
+                                offset_ptr, out_ptr, n_bytes, n_values,
+                                BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                                DOUBLE_QUANT: tl.constexpr, ROUND: tl.constexpr,
+                                BYTES: tl.constexpr):
+        "Each program reads BYTES packed bytes and writes their 2*BYTES values."
+        start = tl.program_id(0) * BYTES
+        offsets = start + tl.arange(0, BYTES)
+        inside = offsets < n_bytes
+        byte = tl.load(packed_ptr + offsets, mask=inside, other=0).to(tl.int32)
+        block = (2 * offsets) // BLOCKSIZE
+        if DOUBLE_QUANT:  # decode the 8-bit scale: level * second-level absmax + offset
+            scale_code = tl.load(absmax_ptr + block, mask=inside, other=0).to(tl.int32)
+            nested = tl.load(nested_ptr + block // NESTED, mask=inside, other=0.0)
+            scale = tl.load(nested_code_ptr + scale_code) * nested + tl.load(offset_ptr)
+        else: scale = tl.load(absmax_ptr + block, mask=inside, other=0.0)
+        high = tl.load(code_ptr + (byte >> 4)) * scale  # the first value of a pair: high nibble
+        low = tl.load(code_ptr + (byte & 15)) * scale
+        values = tl.interleave(high, low)
+        out_offsets = 2 * start + tl.arange(0, 2 * BYTES)
+        if ROUND: values = values.to(out_ptr.dtype.element_ty, fp_downcast_rounding='rtne')
+        tl.store(out_ptr + out_offsets, values, mask=out_offsets < n_values)
+
+# %% ../nbs/07_nf4.ipynb #20292ec9
+def triton_dequantize_4bit(weight: Weight4bit,
+                           dtype: torch.dtype|None = None, # default: the weight's own dtype
+                           bytes_per_program: int = 1024, # packed bytes each program handles
+                          ) -> torch.Tensor:
+    "`weight.dequantize(dtype)` in one fused Triton kernel, double-quantized scales included."
+    if triton is None:
+        raise RuntimeError("triton is not installed; use weight.dequantize(dtype), or install "
+                           "torch with CUDA (it brings triton)")
+    dtype = dtype or weight.dtype
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype must be one of {WEIGHT_DTYPES}, got {dtype}")
+    device = weight.packed.device
+    out = torch.empty(weight.shape, dtype=dtype, device=device)
+    nested = weight.nested_absmax if weight.double_quant else weight.absmax  # unread if plain
+    offset = weight.offset if weight.double_quant else weight.absmax
+    n_bytes = weight.packed.numel()
+    _dequantize_4bit_kernel[(triton.cdiv(n_bytes, bytes_per_program),)](
+        weight.packed, weight.absmax, code_book(weight.quant_type, device), nested,
+        dynamic_code(device), offset, out, n_bytes, weight.numel,
+        BLOCKSIZE=weight.blocksize, NESTED=NESTED_BLOCKSIZE, DOUBLE_QUANT=weight.double_quant,
+        ROUND=dtype != torch.float32, BYTES=bytes_per_program, enable_fp_fusion=False)
+    return out
+
+# %% ../nbs/07_nf4.ipynb #c33d126f
+def dequantize_fast(weight: Weight4bit, dtype: torch.dtype|None = None) -> torch.Tensor:
+    "`weight.dequantize(dtype)`: by the fused Triton kernel for a CUDA weight when triton is there."
+    if weight.packed.is_cuda and triton is not None: return triton_dequantize_4bit(weight, dtype)
+    return weight.dequantize(dtype)
+
+# %% ../nbs/07_nf4.ipynb #bb588104
+class Linear4bitFunction(torch.autograd.Function):
+    "y = x W^T + b with W dequantized in forward and again in backward; only the 4-bit W is kept."
+    @staticmethod
+    def forward(ctx, x, weight: Weight4bit, bias, dequantize):
+        ctx.weight, ctx.dequantize = weight, dequantize  # references to buffers, no copy
+        return F.linear(x, dequantize(weight, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # dL/dx = dL/dy W, with W dequantized once more
+            grad_x = grad_output.matmul(ctx.dequantize(ctx.weight, grad_output.dtype))
+        return grad_x, None, None, None
+
+def linear_4bit(x: torch.Tensor, # (..., in_features), in the compute dtype
+                weight: Weight4bit, bias: torch.Tensor|None = None) -> torch.Tensor:
+    "`F.linear(x, weight.dequantize(x.dtype), bias)`, saving only the 4-bit weight for backward."
+    return Linear4bitFunction.apply(x, weight, bias, dequantize_fast)
+
+FAST_PATHS['cuda'] = linear_4bit
