@@ -20,9 +20,13 @@ from .core import (METHODS, QuantizedLinear, decoder_blocks, block_inputs, run_b
 from . import scales, outliers, gptq, awq, gguf, nf4, below4
 
 # %% auto #0
-__all__ = ['QuantReport', 'quantize_model', 'save_quantized', 'load_quantized', 'to_ct_codes',
-          'from_ct_codes', 'ct_scheme', 'ct_tensors', 'ct_config', 'export_compressed_tensors',
-          'load_compressed_tensors']
+__all__ = ['QUANTIZED_FILE', 'RECIPE_FILE', 'COMMANDS', 'QuantReport', 'quantize_model',
+          'save_quantized', 'load_quantized', 'to_ct_codes', 'from_ct_codes', 'ct_scheme',
+          'ct_tensors', 'ct_config', 'export_compressed_tensors', 'load_compressed_tensors',
+          'UsageError', 'CommandParser', 'positive_int', 'group_size', 'command_parser',
+          'setting_value', 'method_settings', 'model_source', 'output_target', 'chosen_linears',
+          'quantize_command', 'load_quantized_folder', 'text_file_tokens', 'eval_command',
+          'summary_table', 'main']
 
 # %% ../nbs/20_api.ipynb #e6b22fb3
 @dataclass
@@ -558,3 +562,225 @@ def load_compressed_tensors(
         q = _ct_weight(name, tensors, scheme)
         _set_module(model, name, _ct_layer(name, q, tensors.get('bias'), ours.get(name)))
     return model
+
+# %% ../nbs/20_api.ipynb #b0b13841
+import argparse, dataclasses, sys
+from .core import (get_budget, calibration_samples, eval_tokens, evaluate, perplexity,
+                              METHODS)
+
+# %% ../nbs/20_api.ipynb #1a1b6f53
+class UsageError(ValueError):
+    "A bad command line; the message says what to change."
+
+class CommandParser(argparse.ArgumentParser):
+    "An `ArgumentParser` whose errors raise `UsageError` instead of exiting."
+    def error(self, message): raise UsageError(message)
+
+def positive_int(text: str) -> int:
+    "`text` as a whole number above 0, for argparse."
+    try: value = int(text)
+    except ValueError: raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1: raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+def group_size(text: str) -> int|str:
+    "A group size: a whole number above 0, or 'channel' or 'tensor'."
+    return text if text in ('channel', 'tensor') else positive_int(text)
+
+# %% ../nbs/20_api.ipynb #02e4e23d
+def command_parser() -> CommandParser:
+    "The parser of `python -m quantcourse quantize ...` and `python -m quantcourse eval ...`."
+    parser = CommandParser(prog='python -m quantcourse', description='Quantize a causal LM, or '
+                           'measure the perplexity of one quantized.')
+    commands = parser.add_subparsers(dest='command', required=True)
+    q = commands.add_parser('quantize', help='quantize a model into a folder (or a GGUF file)')
+    q.add_argument('model', nargs='?', help='local folder, .gguf file or hub id '
+                   '(default: the course model)')
+    q.add_argument('--method', default='rtn', help="a registered method, e.g. rtn, gptq, awq, "
+                   "nf4; with --gguf a llama.cpp file type, e.g. Q4_K_M")
+    q.add_argument('--bits', type=positive_int, help="the method's bits setting, e.g. 4")
+    q.add_argument('--group-size', type=group_size, help="weights per group: a number, 'channel' "
+                   "or 'tensor'")
+    q.add_argument('--set', action='append', default=[], metavar='NAME=VALUE',
+                   help="any other setting of the method")
+    q.add_argument('--out', help='folder to write model.safetensors and recipe.json into')
+    q.add_argument('--gguf', help='write a GGUF file of the file type --method instead')
+    q.add_argument('--only', action='append', metavar='TEXT', help='quantize only the linears '
+                   'whose full name contains TEXT (repeatable), e.g. model.layers.0.')
+    q.add_argument('--calib-samples', type=positive_int, help='calibration sequences (default: '
+                   "the budget's)")
+    q.add_argument('--seed', type=int, default=0, help='which calibration windows are drawn')
+    e = commands.add_parser('eval', help="perplexity of a quantized folder or a GGUF file")
+    e.add_argument('path', help='a folder written by quantize, or a .gguf file')
+    e.add_argument('--text', help='a UTF-8 text file (default: the evaluation novel)')
+    e.add_argument('--eval-tokens', type=positive_int, help='evaluate the first N tokens only')
+    e.add_argument('--context', type=positive_int, help='window length in tokens')
+    for p in (q, e):
+        p.add_argument('--budget', choices=('small', 'full'))
+        p.add_argument('--device', help='cpu, cuda, ... (default: a GPU if there is one)')
+        p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    return parser
+
+# %% ../nbs/20_api.ipynb #25f9f67d
+def setting_value(text: str, default):
+    "`text` read as the type of `default` (bool from true/false, int, float, else as it is)."
+    if isinstance(default, bool):
+        if text.lower() in ('true', 'false'): return text.lower() == 'true'
+        raise UsageError(f"{text!r} is not true or false")
+    for kind in (int, float):
+        if isinstance(default, kind):
+            try: return kind(text)
+            except ValueError: raise UsageError(f"{text!r} is not a {kind.__name__}") from None
+    return int(text) if text.isdigit() else text
+
+def method_settings(method: str, bits=None, group_size=None, sets=()) -> dict:
+    "The settings the command line gives `method`; an error naming the fix for any it lacks."
+    if method not in METHODS:
+        raise UsageError(f"method {method!r} is unknown; use one of {', '.join(sorted(METHODS))}")
+    defaults, given = METHODS[method].defaults, {}
+    for name, value in (('bits', bits), ('group_size', group_size)):
+        if value is not None: given[name] = value
+    for item in sets:
+        name, equals, text = item.partition('=')
+        if not equals: raise UsageError(f"--set {item!r}: write it as NAME=VALUE")
+        given[name.replace('-', '_')] = (setting_value(text, defaults[name.replace('-', '_')])
+                                         if name.replace('-', '_') in defaults else text)
+    for name in given:
+        if name not in defaults:
+            raise UsageError(f"{method} has no setting {name!r}; its settings (with defaults) "
+                             f"are {defaults}")
+    return given
+
+# %% ../nbs/20_api.ipynb #8116ad6f
+def model_source(model: str|None) -> str|None:
+    "`model` as `load_model` takes it: None (the course model), an absolute path, or a hub id."
+    if model is None: return None
+    path = Path(model).expanduser()
+    if path.exists(): return str(path.resolve())
+    if model.endswith('.gguf') or model.startswith(('.', '/', '~')):
+        raise UsageError(f"{model} does not exist; give an existing folder or .gguf file, "
+                         "or leave MODEL out for the course model")
+    return model  # a hub id: transformers downloads it
+
+def output_target(out: str|None, gguf_file: str|None) -> Path:
+    "Where quantize writes: the --out folder, or the --gguf file; exactly one must be given."
+    if (out is None) == (gguf_file is None):
+        raise UsageError("give --out DIR (a quantized folder) or --gguf FILE (a GGUF file), "
+                         "one of the two")
+    target = Path(out or gguf_file).expanduser()
+    if out is not None and target.exists() and not target.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder (it is created if missing)")
+    if gguf_file is not None and not target.parent.is_dir():
+        raise UsageError(f"--gguf {gguf_file}: folder {target.parent} does not exist; create it")
+    return target
+
+# %% ../nbs/20_api.ipynb #e4e90b73
+QUANTIZED_FILE, RECIPE_FILE = 'model.safetensors', 'recipe.json'
+
+def chosen_linears(model, only: list[str]|None) -> list[str]|None:
+    "Full names of the linears that contain one of the texts in `only` (None: all of them)."
+    if not only: return None
+    names = [n for n in linear_names(model) if any(text in n for text in only)]
+    if not names: raise UsageError(f"--only {' '.join(only)} matches no linear layer; give part of "
+                                   f"a name such as {linear_names(model)[0]!r}")
+    return names
+
+def quantize_command(args) -> dict:
+    "Run `quantize`: check the command line, quantize, write; the summary as a dict."
+    target, gguf_file = output_target(args.out, args.gguf), args.gguf is not None
+    if gguf_file and args.method.upper() not in gguf.MIXES:
+        raise UsageError(f"--gguf writes llama.cpp file types: use --method one of "
+                         f"{', '.join(gguf.MIXES)}")
+    settings = {} if gguf_file else method_settings(args.method, args.bits, args.group_size,
+                                                    args.set)
+    source = model_source(args.model)
+    budget = get_budget(args.budget)
+    model, tokenizer = load_model(source, device=args.device)
+    if gguf_file:
+        start = time.perf_counter()
+        gguf.write_gguf(model, target, args.method.upper())
+        return dict(model=source or 'course model', file_type=args.method.upper(), file=target,
+                    file_bytes=target.stat().st_size, seconds=round(time.perf_counter() - start, 1))
+    calibration = None
+    if METHODS[args.method].needs_calibration:
+        calibration = calibration_samples(tokenizer, args.calib_samples or budget.calib_samples,
+                                          budget.calib_seq_len, seed=args.seed)
+    report = quantize_model(model, args.method, calibration=calibration,
+                            names=chosen_linears(model, args.only),
+                            progress=not args.no_progress, **settings)
+    target.mkdir(parents=True, exist_ok=True)
+    save_quantized(model, target/QUANTIZED_FILE)
+    recipe = dict(model=source, method=args.method, settings=report.settings,
+                  calibration=None if calibration is None else list(calibration.shape),
+                  seed=args.seed)
+    (target/RECIPE_FILE).write_text(json.dumps(recipe, indent=1) + '\n')
+    return dict(model=source or 'course model', method=args.method, settings=report.settings,
+                calibration='none' if calibration is None else
+                f"{len(calibration)} x {calibration.shape[1]} tokens, seed {args.seed}",
+                layers=len(report.rows), bits_per_weight=round(report.bits_per_weight, 4),
+                file_bytes=(target/QUANTIZED_FILE).stat().st_size, seconds=round(report.seconds, 1),
+                out=target)
+
+# %% ../nbs/20_api.ipynb #c9b2e497
+def load_quantized_folder(folder: Path, device=None):
+    "`(model, tokenizer)` from a folder `quantize` wrote: base model, then quantized layers."
+    recipe_file = folder/RECIPE_FILE
+    if not recipe_file.exists() or not (folder/QUANTIZED_FILE).exists():
+        raise UsageError(f"{folder} has no {RECIPE_FILE} and {QUANTIZED_FILE}; give a folder "
+                         "written by `python -m quantcourse quantize --out`")
+    model, tokenizer = load_model(json.loads(recipe_file.read_text())['model'], device=device)
+    return load_quantized(folder/QUANTIZED_FILE, model), tokenizer
+
+def text_file_tokens(tokenizer, text_file: str) -> torch.Tensor:
+    "The tokens of a UTF-8 text file, as a 1-D LongTensor."
+    path = Path(text_file).expanduser()
+    if not path.is_file(): raise UsageError(f"--text {text_file} is not a file; give a text file")
+    ids = tokenizer(path.read_text(encoding='utf-8', errors='replace'),
+                    add_special_tokens=False).input_ids
+    if len(ids) < 2: raise UsageError(f"--text {text_file} has fewer than 2 tokens; give more text")
+    return torch.tensor(ids, dtype=torch.long)
+
+# %% ../nbs/20_api.ipynb #7198c92a
+def eval_command(args) -> dict:
+    "Run `eval`: perplexity of a quantized folder or GGUF file; the summary as a dict."
+    path = Path(args.path).expanduser()
+    if not path.exists():
+        raise UsageError(f"{args.path} does not exist; give a folder written by quantize --out "
+                         "or a .gguf file")
+    if args.text is not None and not Path(args.text).expanduser().is_file():
+        raise UsageError(f"--text {args.text} is not a file; give a text file")
+    budget = get_budget(args.budget)
+    budget = dataclasses.replace(budget, eval_tokens=args.eval_tokens or budget.eval_tokens,
+                                 context=args.context or budget.context)
+    model, tokenizer = (load_model(str(path.resolve()), device=args.device) if path.is_file()
+                        else load_quantized_folder(path, args.device))
+    if args.text is None: result = evaluate(model, tokenizer, budget, not args.no_progress)
+    else:
+        tokens = text_file_tokens(tokenizer, args.text)[:budget.eval_tokens]
+        start = time.perf_counter()
+        result = dict(perplexity=perplexity(model, tokens, budget.context,
+                                            progress=not args.no_progress),
+                      text=args.text, tokens=len(tokens), context=budget.context,
+                      seconds=time.perf_counter() - start)
+    return dict(model=path, perplexity=round(result['perplexity'], 6), text=result['text'],
+                tokens=result['tokens'], context=result['context'],
+                seconds=round(result['seconds'], 1))
+
+# %% ../nbs/20_api.ipynb #90b7da3d
+def summary_table(summary: dict) -> str:
+    "`summary` as a two-column table, one line per entry."
+    width = max(map(len, summary))
+    return '\n'.join(f"{name:<{width}}  {value}" for name, value in summary.items())
+
+COMMANDS = {'quantize': quantize_command, 'eval': eval_command}
+
+def main(argv: list[str]|None = None) -> int:
+    "Run the command line `argv` (default: `sys.argv[1:]`); return the exit status."
+    try:
+        args = command_parser().parse_args(argv)
+        summary = COMMANDS[args.command](args)
+    except (ValueError, TypeError) as e:  # UsageError, or a setting the library refuses
+        print(f"python -m quantcourse: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(summary_table(summary))
+    return 0
