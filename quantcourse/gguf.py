@@ -964,8 +964,10 @@ def write_gguf(model, path, mix: str = 'Q8_0', metadata_from=None) -> Path:
     return path
 
 # %% ../nbs/06_gguf.ipynb #47793757
-# the library only (no tools, tests or server), compiled for this CPU
-LLAMA_CMAKE_ARGS = ('-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF '
+# the library only (no tools, tests or server), for any x86-64 CPU with AVX2 (not -march=native:
+# on an Intel Xeon with AMX, this version's native build crashed in llama_decode)
+LLAMA_CMAKE_ARGS = ('-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON '
+                    '-DGGML_BMI2=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF '
                     '-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF')
 
 def llama_cpp_folder() -> Path:
