@@ -10,7 +10,10 @@
 - `recorded`: UTC time, ISO 8601 (seconds);
 - `device`: the card's name (`torch.cuda.get_device_name`), or the CPU's model name;
 - `torch`, `triton` (None when not installed), `cuda` (the CUDA that torch was built with; None on CPU builds),
-  `python`.
+  `python`;
+- `shared_card`: what else ran on the card at the same time, as `$QUANTCOURSE_SHARED_CARD` says (whoever starts
+  two jobs on one card sets it for both); None when unset. Seconds measured with it set are not comparable with
+  those of a card to itself.
 """
 from __future__ import annotations
 import datetime, os, platform, subprocess
@@ -64,7 +67,8 @@ def run_metadata(device) -> dict:
     commit, dirty, source = git_commit()
     return dict(device=card_name(device), commit=commit, dirty=dirty, commit_from=source,
                 recorded=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-                torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda, python=platform.python_version())
+                torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda, python=platform.python_version(),
+                shared_card=os.environ.get('QUANTCOURSE_SHARED_CARD') or None)
 
 
 if __name__ == '__main__':  # print this machine's metadata: a quick check that git (or the variables) are seen

@@ -51,7 +51,8 @@ from quantcourse.scales import Arch, ARCHS
 from quantcourse.nf4 import (NF4Linear, Weight4bit, FAST_PATHS, dynamic_code, same_bits, linear_4bit,
                              triton_dequantize_4bit)
 from quantcourse.qlora import (LoRALinear, add_lora, block_linears, lora_layers, prepare_for_kbit_training,
-                               train_lora, training_memory, trainable_parameters)
+                               train_lora, training_memory, trainable_parameters,
+                               track_training, with_adapters)
 from quantcourse.api import quantize_model
 from benchmeta import run_metadata, sync
 
@@ -422,34 +423,21 @@ def part_task(device, quick) -> dict:
     quantize_model(gptq_model, 'gptq', calibration=gptq_calibration, bits=4, group_size=64, progress=False)
     gptq_seconds = time.perf_counter() - start
     curves = {'float': {0: measure(model)}, 'NF4 + DQ': {0: measure(nf4_model)}, 'GPTQ int4': {0: measure(gptq_model)}}
-    seconds = {}
-
-    def train_and_measure(trained, lr):
-        curve = {0: measure(trained)}
-        record = lambda step, m: curve.update({step: measure(m)}) if step % eval_every == 0 else None
-        sync(device); start = time.perf_counter()
-        losses = train_lora(trained, train_batches, steps, lr=lr, warmup=2, callback=record, progress=False)
-        sync(device)
-        return curve, time.perf_counter() - start, losses
-
-    def fine_tune(base, targets):
-        torch.manual_seed(0)
-        adapted = add_lora(prepare_for_kbit_training(copy.deepcopy(base), gradient_checkpointing=False),
-                           r=8, alpha=16, targets=targets)
-        return train_and_measure(adapted, lr=1e-3)
-
-    losses = {}
+    track = lambda trained, **kw: track_training(trained, train_batches, steps, measure, every=eval_every,
+                                                 progress=False, **kw)
     torch.manual_seed(0)
-    curves['full fine-tuning'], seconds['full fine-tuning'], losses['full fine-tuning'] = train_and_measure(
-        copy.deepcopy(model).requires_grad_(True), lr=2e-5)
-    log(f"full fine-tuning: {curves['full fine-tuning']}")
+    runs = {'full fine-tuning': track(copy.deepcopy(model).requires_grad_(True), lr=2e-5)}
+    log(f"full fine-tuning: {runs['full fine-tuning']['curve']}")
     for name, base, targets in [('LoRA (float32 base)', model, 'all-linear'),
                                 ('QLoRA, all linears', nf4_model, 'all-linear'),
                                 ('QLoRA, q and v only', nf4_model, ['q_proj', 'v_proj']),
                                 ('QLoRA on GPTQ, all linears', gptq_model, 'all-linear')]:
-        curves[name], seconds[name], losses[name] = fine_tune(base, targets)
-        log(f"{name}: {curves[name]} ({seconds[name]:.1f} s)")
+        runs[name] = track(with_adapters(base, targets))
+        log(f"{name}: {runs[name]['curve']} ({runs[name]['seconds']:.1f} s)")
         free(device)
+    curves.update({name: run['curve'] for name, run in runs.items()})
+    seconds = {name: run['seconds'] for name, run in runs.items()}
+    losses = {name: run['losses'] for name, run in runs.items()}
     return dict(steps=steps, batch=batch, seq_len=seq_len, eval_every=eval_every, eval_tokens=len(held_out),
                 eval_context=256, eval_text=EVALUATION_NOVEL, train_texts=list(CALIBRATION_NOVELS),
                 lr_adapters=1e-3, lr_full=2e-5, warmup=2, schedule='cosine', r=8, alpha=16, seed=0,

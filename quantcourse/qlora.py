@@ -8,7 +8,7 @@ Docs: https://quantcourse.github.io/quantcourse/qlora.html.md"""
 
 # %% ../nbs/08_qlora.ipynb #99c1fc79
 from __future__ import annotations
-import itertools, json, math
+import copy, itertools, json, math, time
 from pathlib import Path
 import torch
 from torch import nn
@@ -23,9 +23,9 @@ __all__ = ['COMPUTE_DTYPES', 'SCHEDULES', 'ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', '
           'block_linears', 'match_targets', 'add_lora', 'lora_layers', 'trainable_parameters',
           'prepare_for_kbit_training', 'lr_factor', 'train_lora', 'adapter_state_dict',
           'adapter_config', 'save_adapters', 'load_adapters', 'lora_delta', 'float_weight',
-          'merged_linear', 'quantize_like', 'merge_lora', 'target_kinds', 'nf4_dq_bytes',
-          'adam_state_bytes', 'activation_bytes', 'trained_numels', 'weight_bytes',
-          'training_memory']
+          'merged_linear', 'quantize_like', 'merge_lora', 'with_adapters', 'track_training',
+          'target_kinds', 'nf4_dq_bytes', 'adam_state_bytes', 'activation_bytes', 'trained_numels',
+          'weight_bytes', 'training_memory']
 
 # %% ../nbs/08_qlora.ipynb #c2aa8989
 def check_lora_settings(r, alpha, dropout):
@@ -281,6 +281,28 @@ def merge_lora(model, requantize: bool = True, # False: a quantized base becomes
         return linear
     replace_linears(model, merge, list(layers))
     return model
+
+# %% ../nbs/08_qlora.ipynb #a3c81f20
+def with_adapters(base, targets='all-linear', r: int = 8, alpha: float = 16, seed: int = 0):
+    "A copy of `base` set up for k-bit training, with adapters on `targets` drawn from `seed`."
+    model = prepare_for_kbit_training(copy.deepcopy(base), gradient_checkpointing=False)
+    torch.manual_seed(seed)
+    return add_lora(model, r=r, alpha=alpha, targets=targets)
+
+def track_training(model, batches, steps: int,
+                   measure, # measure(model) -> a number, e.g. a perplexity
+                   every: int = 20, lr: float = 1e-3, warmup: int = 2, progress: bool = True) -> dict:
+    "Train `model` with `train_lora`, measured at step 0 and every `every` steps; and the seconds."
+    check_int(every, 'every', 1)
+    curve = {0: measure(model)}
+    def record(step, trained):
+        if step % every == 0: curve[step] = measure(trained)
+    wait = lambda: torch.cuda.synchronize() if torch.cuda.is_available() else None
+    wait(); start = time.perf_counter()
+    losses = train_lora(model, batches, steps, lr=lr, warmup=warmup, callback=record,
+                        progress=progress)
+    wait()
+    return dict(curve=curve, seconds=time.perf_counter() - start, losses=losses)
 
 # %% ../nbs/08_qlora.ipynb #061811a4
 SETUPS, OPTIMIZERS = ('full', 'lora', 'qlora'), ('adamw', 'adamw8bit', 'paged_adamw8bit')
