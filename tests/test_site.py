@@ -201,6 +201,30 @@ def test_code_lines_of_100_characters_fit_a_1400_pixel_window(site):
     assert re.search(r'div\.sourceCode pre[^{]*\{[^}]*white-space:\s*pre-wrap', styles), 'code blocks no longer wrap long lines'
     assert re.search(r'\.cell-output pre[^{]*\{[^}]*white-space:\s*pre-wrap', styles), 'printed output no longer wraps long lines'
 
+# Notebooks whose code is still being rewrapped by other work: take a name out once its lines fit.
+NOT_YET_WRAPPED = {'08_qlora.ipynb', '11_below4.ipynb'}
+# Lines that cannot be wrapped without changing the program, each with its reason: (notebook, the line stripped)
+UNWRAPPABLE = {
+    ('03_outliers.ipynb', 'f"{(attention_input.abs().argmax(1) == attention_input.abs().amax(0).argmax())'
+                          '.float().mean():.0%} "'):
+        'one f-string replacement field of 95 characters: Python 3.11 cannot break a line inside it',
+}
+
+def test_notebook_code_lines_fit_the_site():
+    "Every code line of the notebooks fits the site's 100-character code column, so no cell wraps on the page."
+    found, long = set(), []
+    for nb in _notebooks():
+        if nb.name in NOT_YET_WRAPPED: continue
+        for cell in json.loads(nb.read_text())['cells']:
+            if cell['cell_type'] != 'code': continue
+            for line in ''.join(cell['source']).splitlines():
+                if len(line) <= LINE: continue
+                if (nb.name, line.strip()) in UNWRAPPABLE: found.add((nb.name, line.strip())); continue
+                long.append(f"{nb.name} cell {cell.get('id')}: {len(line)} characters: {line.strip()[:50]}")
+    assert long == [], f"{len(long)} code lines over {LINE} characters; wrap them:\n" + '\n'.join(long)
+    stale = set(UNWRAPPABLE) - found
+    assert not stale, f'UNWRAPPABLE lists lines that are gone or fit now; remove them: {sorted(stale)}'
+
 _WIDTH_PROBE = """<script>window.addEventListener('load',function(){var out=[];document.querySelectorAll('main pre').forEach(
 function(p){if(p.scrollWidth>p.clientWidth+1)out.push('scrolls:'+p.textContent.slice(0,60));});
 var p=document.querySelector('div.sourceCode pre'),s=document.createElement('span');s.textContent='x'.repeat(LINE);
