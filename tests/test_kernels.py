@@ -208,3 +208,56 @@ def test_pick_config_divides_the_group():
         assert group % config['BLOCK_K'] == 0
     assert pick_config(1, 4096, 4096, 128, 132)['USE_DOT'] is False
     assert pick_config(16, 4096, 4096, 128, 132)['BLOCK_M'] == 16
+
+
+COMPILE_SCRIPT = r'''
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import quantcourse.kernels as K
+assert not K.interpreted()
+HINTED = {'x_ptr', 'packed_ptr', 'out_ptr', 'N', 'K', 'stride_xm', 'stride_om', 'scales_ptr', 'zeros_ptr',
+          'perm_ptr', 'group_size', 'absmax_ptr', 'nested_ptr', 'levels_ptr', 'dynamic_ptr'}
+def build(kernel, signature, constants, warps=4, stages=3):
+    "Compile for sm_90 (H100/H200) through ptxas, with the 16-divisibility the JIT finds at run time."
+    signature = dict(signature, **{k: 'constexpr' for k in constants})
+    names = list(signature)
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(names.index(k),): v for k, v in constants.items()},
+                       attrs={(names.index(k),): [['tt.divisibility', 16]] for k in names if k in HINTED})
+    compiled = triton.compile(source, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    return dict(shared=compiled.metadata.shared, mma=compiled.asm['ptx'].count('mma.sync'))
+report = {}
+for dtype in ('fp16', 'bf16'):
+    for perm, tile, dot, bm, bn, bk, split, tiles in [(False, True, False, 1, 32, 128, 8, 4), (True, True, True, 16, 64, 128, 4, 8),
+                                                      (True, False, True, 16, 64, 64, 1, 8), (False, False, False, 1, 32, 64, 2, 8)]:
+        sig = dict(x_ptr=f'*{dtype}', packed_ptr='*u8', scales_ptr='*fp16', zeros_ptr='*u8', perm_ptr='*i32',
+                   out_ptr='*fp32' if split > 1 else f'*{dtype}', M='i32', N='i32', K='i32', stride_xm='i32',
+                   stride_om='i32', group_size='i32')
+        const = dict(HAS_PERM=perm, TILE_SCALES=tile, USE_DOT=dot, DOT_FP32=False, BLOCK_M=bm, BLOCK_N=bn,
+                     BLOCK_K=bk, SPLIT_K=split, TILES=tiles)
+        report[f'int4 {dtype} {perm} {tile} {dot} {split}'] = build(K._int4_matmul_kernel, sig, const)
+    for dq, tile, dot, bm, bn, bk, split, tiles in [(True, True, False, 1, 32, 64, 8, 8), (True, True, True, 16, 64, 64, 4, 16),
+                                                    (False, False, True, 16, 64, 64, 1, 64)]:
+        sig = dict(x_ptr=f'*{dtype}', packed_ptr='*u8', absmax_ptr='*u8' if dq else '*fp32', nested_ptr='*fp32',
+                   offset_ptr='*fp32', levels_ptr='*fp32', dynamic_ptr='*fp32',
+                   out_ptr='*fp32' if split > 1 else f'*{dtype}', M='i32', N='i32', K='i32', stride_xm='i32',
+                   stride_om='i32', blocksize='i32')
+        const = dict(DOUBLE_QUANT=dq, NESTED=256, TILE_SCALES=tile, USE_DOT=dot, DOT_FP32=False, BLOCK_M=bm,
+                     BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, TILES=tiles)
+        report[f'nf4 {dtype} {dq} {tile} {dot} {split}'] = build(K._nf4_matmul_kernel, sig, const)
+print(json.dumps(report))
+'''
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason='triton is not installed')
+def test_kernels_compile_for_hopper():
+    "Without a GPU: both kernels compile for sm_90 through Triton's bundled ptxas (tensor-core forms use mma)."
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    run = subprocess.run([sys.executable, '-c', COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-5000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(report) == 14
+    for name, r in report.items():   # name: kernel dtype flag tile-scales use-dot split
+        assert (r['mma'] > 0) == (name.split()[4] == 'True'), (name, r)
