@@ -25,12 +25,15 @@ cache flush; decoding loops run under CUDA graphs.
     python bench/kernels_gpu.py [--only PART ...] [--out PATH] [--quick] [--shapes 4096x4096 ...]
 
 On CUDA it writes bench/results/kernels_gpu.json (or --out); parts run now replace those parts in the file and
-the others are kept. `--quick` without CUDA runs the correctness part of our two kernels in Triton's CPU
-interpreter (TRITON_INTERPRET=1, set by the script) at tiny shapes, writing only with --out.
+the others are kept. `--quick` runs tiny shapes and short tunes; without CUDA it runs every part but `ceilings` on the CPU,
+our kernels in Triton's interpreter (TRITON_INTERPRET=1, set by the script): the checks are real, the times
+mean nothing (no graphs, no tinygemm or bitsandbytes CUDA kernels); it writes only with --out.
 
-Expected on one H100 or H200, each part alone: ceilings ~30 s, < 4 GiB; correctness ~2 min (Triton compiles
-~30 kernels; float32 references), < 6 GiB; int4 ~2 min, < 4 GiB; nf4 ~2 min, < 4 GiB; tune ~--tune-seconds
-(default 420) + 1 min, < 4 GiB.
+Expected on one H100 or H200, each part alone (estimates: not yet run on a GPU): ceilings ~30 s, < 6 GiB;
+correctness ~2-3 min (Triton compiles ~40 kernels, ~1 s each; float32 references), < 8 GiB; int4 ~2-3 min,
+< 12 GiB (up to 16 rotating copies of each weight); nf4 ~2 min, < 12 GiB; tune: about 100 s per shape and batch
+for the whole grid, cut at --tune-seconds (default 420) plus a minute of setup, < 8 GiB: tune two shapes a call
+(`--only tune --tune-kernel int4 --shapes 4096x4096 28672x8192`).
 """
 from __future__ import annotations
 import argparse, json, math, os, statistics, sys, time
@@ -58,7 +61,8 @@ except ImportError: bnb = None
 SHAPES = {'4096x4096': (4096, 4096), '14336x4096': (14336, 4096), '4096x14336': (4096, 14336),
           '8192x8192': (8192, 8192), '28672x8192': (28672, 8192), '8192x28672': (8192, 28672)}
 QUICK_SHAPES = {'96x256': (96, 256), '70x384': (70, 384), '128x128': (128, 128)}
-BATCHES = (1, 16)
+BATCHES = (1, 16)           # timed
+CHECK_BATCHES = (1, 3, 16, 64)  # checked
 GROUP, BLOCKSIZE = 128, 64
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 LIBRARY_TOLERANCE = 2e-2  # reference libraries: that they compute this product, not how precisely
@@ -132,6 +136,8 @@ def methods(layer: Layer, part: str) -> dict:
         if part == 'correctness':
             out['ours int4 g128 bf16'] = (lambda x: int4_matmul(x, layer.int4), layer.int4_ref, torch.bfloat16,
                                           TOLERANCE[torch.bfloat16])
+            out['ours int4 g128 act-order bf16'] = (lambda x: int4_matmul(x, layer.int4_perm), layer.int4_perm_ref,
+                                                    torch.bfloat16, TOLERANCE[torch.bfloat16])
         if layer.device == 'cuda':
             try:
                 weight, sz, reference = layer.tinygemm()
@@ -146,6 +152,9 @@ def methods(layer: Layer, part: str) -> dict:
                                                       layer.nf4_ref, torch.float16, LIBRARY_TOLERANCE)
         out['ours nf4-dq'] = (lambda x: nf4_matmul(x, layer.nf4), layer.nf4_ref, torch.float16,
                               TOLERANCE[torch.float16])
+        if part == 'correctness':
+            out['ours nf4-dq bf16'] = (lambda x: nf4_matmul(x, layer.nf4), layer.nf4_ref, torch.bfloat16,
+                                       TOLERANCE[torch.bfloat16])
     return out
 
 
@@ -160,9 +169,13 @@ def check(fn, reference_weight, dtype, tolerance, batch, k, device, seed=1) -> d
 
 
 # ---------------------------------------------------------------- timing
-def do_bench_us(fn) -> float:
-    "Median microseconds per call, L2 flushed before each (triton.testing.do_bench)."
-    return 1000 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode='median')
+def do_bench_us(fn, device: str = 'cuda') -> float:
+    "Median microseconds per call, L2 flushed before each (triton.testing.do_bench); on a CPU (--quick) a stopwatch."
+    if device == 'cuda': return 1000 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode='median')
+    times = []
+    for _ in range(3):
+        start = time.perf_counter(); fn(); times.append(1e6 * (time.perf_counter() - start))
+    return statistics.median(times)
 
 
 def graph_us(make_calls) -> float|None:
@@ -189,10 +202,10 @@ def graph_us(make_calls) -> float|None:
     return statistics.median(times)
 
 
-def copy_gb_per_s(n_bytes: int = 2**30) -> float:
+def copy_gb_per_s(n_bytes: int = 2**30, device: str = 'cuda') -> float:
     "Bytes read + written per second by a device-to-device copy, GB/s."
-    src, dst = torch.empty(n_bytes, dtype=torch.uint8, device='cuda'), torch.empty(n_bytes, dtype=torch.uint8, device='cuda')
-    return 2 * n_bytes / do_bench_us(lambda: dst.copy_(src)) / 1e3
+    src, dst = (torch.empty(n_bytes, dtype=torch.uint8, device=device) for _ in range(2))
+    return 2 * n_bytes / do_bench_us(lambda: dst.copy_(src), device) / 1e3
 
 
 def rotating_copies(weight_bytes: int) -> int:
@@ -232,7 +245,7 @@ def part_correctness(shapes: dict, device: str) -> dict:
             if isinstance(entry, str):
                 rows.append(dict(shape=label, method=name, error=entry)); continue
             fn, reference, dtype, tolerance = entry
-            for batch in (BATCHES if device == 'cuda' else (1, 3, 16)):
+            for batch in CHECK_BATCHES:
                 try: row = check(fn, reference, dtype, tolerance, batch, k, device)
                 except Exception as error:
                     row = dict(passed=False, error=f"{type(error).__name__}: {error}"[:300])
@@ -245,26 +258,26 @@ def part_correctness(shapes: dict, device: str) -> dict:
                 unavailable=[r for r in rows if 'batch' not in r])
 
 
-def part_timing(part: str, shapes: dict) -> dict:
-    copy = copy_gb_per_s()
+def part_timing(part: str, shapes: dict, device: str = 'cuda') -> dict:
+    copy = copy_gb_per_s(2**30 if device == 'cuda' else 2**24, device)
     rows = []
     for label, (n, k) in shapes.items():
-        layers = [Layer(n, k, 'cuda', seed, references=seed == 0) for seed in range(rotating_copies(n * k // 2))]
+        layers = [Layer(n, k, device, seed, references=seed == 0) for seed in range(rotating_copies(n * k // 2))]
         fp16_copies = rotating_copies(2 * n * k)
         for batch in BATCHES:
-            x16 = torch.randn(batch, k, device='cuda').half()
+            x16 = torch.randn(batch, k, device=device).half()
             for name, entry in methods(layers[0], part).items():
                 if isinstance(entry, str): rows.append(dict(shape=label, batch=batch, method=name, error=entry)); continue
                 fn, reference, dtype, tolerance = entry
-                checked = check(fn, reference, dtype, tolerance, batch, k, 'cuda')
+                checked = check(fn, reference, dtype, tolerance, batch, k, device)
                 if not checked['passed']:
                     rows.append(dict(shape=label, batch=batch, method=name, not_timed='failed the check', **checked))
                     log(f"  {label} batch {batch} {name}: FAILED the check, not timed"); continue
                 x = x16.to(dtype)
                 used = layers[:fp16_copies] if name.startswith('cuBLAS') else layers
                 calls = [(lambda f=methods(l, part)[name][0]: f(x)) for l in used]
-                us = do_bench_us(lambda: fn(x))
-                us_graph = graph_us(lambda: calls)
+                us = do_bench_us(lambda: fn(x), device)
+                us_graph = graph_us(lambda: calls) if device == 'cuda' else None
                 kind = 'fp16' if name.startswith('cuBLAS') else ('nf4' if 'nf4' in name else 'int4')
                 floor_us = layers[0].bytes_floor(batch, kind) / (copy * 1e3)
                 rows.append(dict(shape=label, batch=batch, method=name, us=us, us_graph=us_graph,
@@ -272,7 +285,8 @@ def part_timing(part: str, shapes: dict) -> dict:
                                  relative_error=checked['relative_error']))
                 log(f"  {label} batch {batch:>2} {name:<34} {us:8.1f} us (graph {us_graph or float('nan'):8.1f}); "
                     f"floor {floor_us:6.1f} us")
-        del layers; torch.cuda.empty_cache()
+        del layers
+        if device == 'cuda': torch.cuda.empty_cache()
     fp16 = {(r['shape'], r['batch']): r.get('us_graph') or r.get('us') for r in rows if r['method'].startswith('cuBLAS')}
     for r in rows:
         base = fp16.get((r['shape'], r['batch']))
@@ -288,17 +302,17 @@ def part_timing(part: str, shapes: dict) -> dict:
     return dict(copy_gb_per_s=copy, timings=rows)
 
 
-def part_tune(shapes: dict, kernel: str, seconds: float) -> dict:
+def part_tune(shapes: dict, kernel: str, seconds: float, device: str = 'cuda') -> dict:
     deadline, results = time.perf_counter() + seconds, []
     for label, (n, k) in shapes.items():
-        layer = Layer(n, k, 'cuda')
+        layer = Layer(n, k, device)
         for batch in BATCHES:
-            x = torch.randn(batch, k, device='cuda').half()
+            x = torch.randn(batch, k, device=device).half()
             fn = (lambda x, c: int4_matmul(x, layer.int4, config=c)) if kernel == 'int4' else \
                  (lambda x, c: nf4_matmul(x, layer.nf4, config=c))
             reference = layer.int4_ref if kernel == 'int4' else layer.nf4_ref
             default = pick_config(batch, n, k, GROUP if kernel == 'int4' else BLOCKSIZE)
-            default_us = do_bench_us(lambda: fn(x, default))
+            default_us = do_bench_us(lambda: fn(x, default), device)
             best, tried = dict(config=default, us=default_us), 1
             for candidate in CANDIDATE_CONFIGS:
                 if time.perf_counter() > deadline: break
@@ -306,9 +320,9 @@ def part_tune(shapes: dict, kernel: str, seconds: float) -> dict:
                 if candidate['BLOCK_K'] > (GROUP if kernel == 'int4' else BLOCKSIZE): continue
                 try:
                     if not check(lambda x_: fn(x_, config), reference, torch.float16, TOLERANCE[torch.float16],
-                                 batch, k, 'cuda')['passed']:
+                                 batch, k, device)['passed']:
                         log(f"    {config}: FAILED the check"); continue
-                    us = do_bench_us(lambda: fn(x, config))
+                    us = do_bench_us(lambda: fn(x, config), device)
                 except Exception as error:
                     log(f"    {config}: {type(error).__name__}: {str(error)[:120]}"); continue
                 tried += 1
@@ -316,7 +330,8 @@ def part_tune(shapes: dict, kernel: str, seconds: float) -> dict:
             results.append(dict(shape=label, batch=batch, kernel=kernel, default_config=default,
                                 default_us=default_us, tried=tried, **best))
             log(f"  {label} batch {batch:>2} {kernel}: best {best['us']:.1f} us with {best['config']} ({tried} tried)")
-        del layer; torch.cuda.empty_cache()
+        del layer
+        if device == 'cuda': torch.cuda.empty_cache()
         if time.perf_counter() > deadline: log("  tune: out of time"); break
     return dict(kernel=kernel, results=results)
 
@@ -349,24 +364,26 @@ def main(argv=None):
     if args.shapes: shapes = {s: shapes[s] for s in args.shapes}
     if device == 'cpu' and not interpreted():
         raise SystemExit("no CUDA and the kernels are not interpreted: run with --quick (it sets TRITON_INTERPRET=1)")
-    if device == 'cpu' and args.only != ['correctness']:
-        log("no CUDA: only the correctness part runs (our kernels, in Triton's interpreter)")
+    only = [p for p in args.only if device == 'cuda' or p != 'ceilings']
+    if device == 'cpu':
+        log("no CUDA: our kernels in Triton's interpreter, others on the CPU; the times mean nothing")
     torch.backends.cuda.matmul.allow_tf32 = False   # float32 references in float32
     parts = {}
-    for part in (['correctness'] if device == 'cpu' else args.only):
+    for part in only:
         t = time.perf_counter()
         if device == 'cuda': torch.cuda.reset_peak_memory_stats()
         log(f"part {part}")
         if part == 'ceilings': parts[part] = part_ceilings(args.quick)
         elif part == 'correctness': parts[part] = part_correctness(shapes, device)
-        elif part in ('int4', 'nf4'): parts[part] = part_timing(part, shapes)
-        else: parts[part] = part_tune(shapes, args.tune_kernel, args.tune_seconds)
+        elif part in ('int4', 'nf4'): parts[part] = part_timing(part, shapes, device)
+        else: parts[part] = part_tune(shapes, args.tune_kernel,
+                                      min(args.tune_seconds, 15) if args.quick else args.tune_seconds, device)
         parts[part].update(seconds=time.perf_counter() - t, quick=args.quick, shapes=list(shapes))
         if device == 'cuda': parts[part]['peak_gib'] = torch.cuda.max_memory_allocated() / 2**30
         log(f"part {part}: {parts[part]['seconds']:.0f} s")
     out = args.out or (DEFAULT_OUT if device == 'cuda' else None)
     if out is not None: write(out, parts, device)
-    else: log("no CUDA: nothing timed, nothing written (pass --out to keep the checks)")
+    else: log("no CUDA: nothing written (pass --out to keep the checks)")
     failed = [r for r in parts.get('correctness', {}).get('checks', []) if r.get('passed') is False]
     if failed: raise SystemExit(f"{len(failed)} correctness check(s) failed: {[(r['shape'], r.get('batch'), r['method']) for r in failed]}")
 
