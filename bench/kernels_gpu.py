@@ -25,7 +25,8 @@ cache flush; decoding loops run under CUDA graphs.
     python bench/kernels_gpu.py [--only PART ...] [--out PATH] [--quick] [--shapes 4096x4096 ...]
 
 On CUDA it writes bench/results/kernels_gpu.json (or --out); parts run now replace those parts in the file and
-the others are kept. `--quick` runs tiny shapes and short tunes; without CUDA it runs every part but `ceilings` on the CPU,
+the others are kept. `--merge A.json B.json --out C.json` joins files written by separate calls (each part keeps
+its own `seconds`; the metadata at the top is the first file's unless C.json had its own). `--quick` runs tiny shapes and short tunes; without CUDA it runs every part but `ceilings` on the CPU,
 our kernels in Triton's interpreter (TRITON_INTERPRET=1, set by the script): the checks are real, the times
 mean nothing (no graphs, no tinygemm or bitsandbytes CUDA kernels); it writes only with --out.
 
@@ -337,9 +338,10 @@ def part_tune(shapes: dict, kernel: str, seconds: float, device: str = 'cuda') -
 
 
 # ---------------------------------------------------------------- the run
-def write(out: Path, parts: dict, device: str):
+def write(out: Path, parts: dict, device: str|None):
+    "Put `parts` into the JSON at `out` (its other parts kept); `device` None: keep the metadata (a merge)."
     data = json.loads(out.read_text()) if out.exists() else dict(benchmark='kernels_gpu', parts={})
-    data.update(run_metadata(device))
+    if device is not None: data.update(run_metadata(device))
     data['parts'].update(parts)
     data['timings'] = [r for name in ('int4', 'nf4') for r in data['parts'].get(name, {}).get('timings', [])]
     copies = [data['parts'][p]['copy_gb_per_s'] for p in ('ceilings', 'int4', 'nf4') if p in data['parts']]
@@ -358,7 +360,18 @@ def main(argv=None):
     parser.add_argument('--shapes', nargs='+', default=None, help='a subset of the shapes, e.g. 4096x4096')
     parser.add_argument('--tune-kernel', choices=('int4', 'nf4'), default='int4')
     parser.add_argument('--tune-seconds', type=float, default=420)
+    parser.add_argument('--merge', nargs='+', type=Path, default=None,
+                        help='join the parts of these result files into --out (later files win) and exit')
     args = parser.parse_args(argv)
+    if args.merge:
+        if args.out is None: parser.error('--merge needs --out')
+        for path in args.merge:
+            data = json.loads(path.read_text())
+            if not (args.out.exists() and json.loads(args.out.read_text()).get('recorded')):
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps({k: v for k, v in data.items() if k != 'parts'} | {'parts': {}}))
+            write(args.out, data['parts'], None)
+        return
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.shapes: shapes = {s: shapes[s] for s in args.shapes}

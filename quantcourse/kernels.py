@@ -252,6 +252,9 @@ def launch(kernel, x: torch.Tensor, out_features: int, args: tuple, config: dict
     "Run `kernel` on a grid of (output tiles, K splits, row tiles); splits add in float32."
     x2 = x.reshape(-1, x.shape[-1])
     (M, K), c = x2.shape, dict(config)
+    if out_features * K >= 2**31:
+        raise ValueError(f"a {out_features}x{K} weight needs 64-bit offsets, which these kernels "
+                         "do not use; split the layer into smaller ones")
     k_tiles = triton.cdiv(K, c['BLOCK_K'])
     c['TILES'] = triton.cdiv(k_tiles, c['SPLIT_K'])
     c['SPLIT_K'] = triton.cdiv(k_tiles, c['TILES'])  # no split left without a tile
