@@ -58,6 +58,8 @@ try:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbF
 except ImportError: bnb = None
+try: import gemlite   # optional (PyPI, pure Triton); not timed by this script yet: it needs tuning first
+except ImportError: gemlite = None
 
 SHAPES = {'4096x4096': (4096, 4096), '14336x4096': (14336, 4096), '4096x14336': (4096, 14336),
           '8192x8192': (8192, 8192), '28672x8192': (28672, 8192), '8192x28672': (8192, 28672)}
@@ -300,7 +302,8 @@ def part_timing(part: str, shapes: dict, device: str = 'cuda') -> dict:
                 if kind == 'fp16' or kind == part:
                     rows.append(dict(shape=label, batch=batch, method=f'bytes floor {kind}',
                                      us=(nbytes + 2 * batch * (n + k)) / (copy * 1e3)))
-    return dict(copy_gb_per_s=copy, timings=rows)
+    return dict(copy_gb_per_s=copy, timings=rows, bitsandbytes=getattr(bnb, '__version__', None),
+                gemlite=getattr(gemlite, '__version__', None), gemlite_timed=False)
 
 
 def part_tune(shapes: dict, kernel: str, seconds: float, device: str = 'cuda') -> dict:
