@@ -116,12 +116,26 @@ except ImportError: triton = None
 # %% ../nbs/09_kernels.ipynb #98ff64b4
 if triton is not None:
     @triton.jit
+    def _codes_to(codes, dtype: tl.constexpr):
+        "Codes 0..15 as floats, without int-to-float conversions: OR-ed into the mantissa of 2^23"
+        # (float32), 1024 (float16) or 128 (bfloat16), whose value is then subtracted
+        if dtype == tl.float32:
+            out = (codes.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        elif dtype == tl.float16:
+            out = (codes.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        else: out = (codes.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
+        return out
+
+    @triton.jit
     def _product(x, w, USE_DOT: tl.constexpr, FP32: tl.constexpr):
-        "x @ w.T summed in float32: on the tensor cores (w cast to x's dtype), or multiply and sum."
-        if USE_DOT:
-            if FP32: out = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
-            else: out = tl.dot(x, tl.trans(w.to(x.dtype)))
-        else: out = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+        "x @ w.T summed in float32: on the tensor cores (w as x's dtype), or multiply and sum."
+        dtype: tl.constexpr = tl.float32 if FP32 or not USE_DOT else x.dtype
+        if w.dtype == tl.uint8: w = _codes_to(w, dtype)  # raw codes
+        else: w = w.to(dtype)
+        if USE_DOT: out = tl.dot(x.to(dtype), tl.trans(w))
+        elif x.shape[0] == 1:  # one row of x: a plain matrix-vector product
+            out = tl.sum(w * tl.reshape(x, (x.shape[1],)).to(tl.float32)[None, :], 1)[None, :]
+        else: out = tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], 2)
         return out
 
     @triton.jit
@@ -186,7 +200,7 @@ if triton is not None:
                 inside = n_in[:, None] & k_in[None, :]
                 s = tl.load(scales_ptr + index, mask=inside, other=0.0).to(tl.float32)
                 z = tl.load(zeros_ptr + index, mask=inside, other=0).to(tl.float32)
-                w = (codes.to(tl.float32) - z) * s
+                w = (_codes_to(codes, tl.float32) - z) * s
                 acc += _product(x, w, USE_DOT, DOT_FP32)
         _store_tile(out_ptr, acc, rm, rn, m_in, n_in, stride_om, SPLIT_K)
 
