@@ -36,6 +36,16 @@ this project's CPU, kept in ~/.triton/cache for the later parts on the same mach
 < 12 GiB (up to 16 rotating copies of each weight); nf4 ~2 min, < 12 GiB; tune: about 100 s per shape and batch
 for the whole grid, cut at --tune-seconds (default 420) plus a minute of setup, < 8 GiB: tune two shapes a call
 (`--only tune --tune-kernel int4 --shapes 4096x4096 28672x8192`).
+
+On the lent GPU machine (no network, no .git; bitsandbytes from the carried wheels), one call each:
+
+    source bench/setup_gpu_machine.sh
+    python3 bench/kernels_gpu.py --only ceilings correctness --out $OUT/kernels_a.json
+    python3 bench/kernels_gpu.py --only int4 --out $OUT/kernels_b.json
+    python3 bench/kernels_gpu.py --only nf4 --out $OUT/kernels_c.json
+    python3 bench/kernels_gpu.py --only tune --tune-kernel int4 --shapes 4096x4096 28672x8192 --out $OUT/kernels_d.json
+
+then here: `python bench/kernels_gpu.py --merge A B C D --out bench/results/kernels_gpu.json`.
 """
 from __future__ import annotations
 import argparse, json, math, os, statistics, sys, time
