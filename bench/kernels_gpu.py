@@ -343,6 +343,11 @@ def part_tune(shapes: dict, kernel: str, seconds: float, device: str = 'cuda') -
                     log(f"    {config}: {type(error).__name__}: {str(error)[:120]}"); continue
                 tried += 1
                 if us < best['us']: best = dict(config=config, us=us)
+            if best['config']['SPLIT_K'] > 1:   # the best with its splits added in float16, no cast
+                native = best['config'] | {'SPLIT_ADD': 'native'}
+                if check(lambda x_: fn(x_, native), reference, torch.float16, TOLERANCE[torch.float16],
+                         batch, k, device)['passed']:
+                    best['us_split_add_native'] = do_bench_us(lambda: fn(x, native), device)
             results.append(dict(shape=label, batch=batch, kernel=kernel, default_config=default,
                                 default_us=default_us, tried=tried, **best))
             log(f"  {label} batch {batch:>2} {kernel}: best {best['us']:.1f} us with {best['config']} ({tried} tried)")

@@ -167,7 +167,7 @@ if triton is not None:
         out = out_ptr + rm[:, None] * stride_om + rn[None, :]
         inside = m_in[:, None] & n_in[None, :]
         if SPLIT_K == 1: tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=inside)
-        else: tl.atomic_add(out, acc, mask=inside)
+        else: tl.atomic_add(out, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
     def _int4_matmul_kernel(x_ptr, packed_ptr, scales_ptr, zeros_ptr, perm_ptr, out_ptr,
@@ -266,14 +266,18 @@ def launch(kernel, x: torch.Tensor, out_features: int, args: tuple, config: dict
     "Run `kernel` on a grid of (output tiles, K splits, row tiles); splits add in float32."
     x2 = x.reshape(-1, x.shape[-1])
     (M, K), c = x2.shape, dict(config)
+    # SPLIT_ADD='native': splits add in x's dtype, which saves the float32 buffer's cast
+    native = c.pop('SPLIT_ADD', 'float32') == 'native'
+    native = native and not (interpreted() and x.dtype == torch.bfloat16)  # no such atomics there
     if out_features * K >= 2**31:
         raise ValueError(f"a {out_features}x{K} weight needs 64-bit offsets, which these kernels "
                          "do not use; split the layer into smaller ones")
     k_tiles = triton.cdiv(K, c['BLOCK_K'])
     c['TILES'] = triton.cdiv(k_tiles, c['SPLIT_K'])
     c['SPLIT_K'] = triton.cdiv(k_tiles, c['TILES'])  # no split left without a tile
-    out = (torch.zeros(M, out_features, dtype=torch.float32, device=x.device) if c['SPLIT_K'] > 1
-           else torch.empty(M, out_features, dtype=x.dtype, device=x.device))
+    dtype = x.dtype if native or c['SPLIT_K'] == 1 else torch.float32
+    out = (torch.zeros if c['SPLIT_K'] > 1 else torch.empty)(M, out_features, dtype=dtype,
+                                                              device=x.device)
     grid = (triton.cdiv(out_features, c['BLOCK_N']), c['SPLIT_K'], triton.cdiv(M, c['BLOCK_M']))
     # Triton 3.6's interpreter multiplies bfloat16 tiles wrongly in tl.dot: float32 there
     c['DOT_FP32'] = interpreted() and x.dtype == torch.bfloat16

@@ -25,6 +25,7 @@ INT4_CASES = [
     ('batch 64', 40, 128, 64, 64, False, False, 'float16', None),
     ('batch 33 GEMV form', 40, 128, 33, 64, True, False, 'float16', {'USE_DOT': False, 'BLOCK_M': 4}),
     ('split-K uneven (3 tiles, 2 splits)', 36, 192, 1, 64, False, True, 'float16', {'BLOCK_K': 64, 'SPLIT_K': 2}),
+    ('split-K adding in float16', 70, 512, 3, 64, False, False, 'float16', {'BLOCK_K': 64, 'SPLIT_K': 4, 'SPLIT_ADD': 'native'}),
 ]
 # (label, out_features, in_features, batch, blocksize, quant_type, double_quant, dtype, config)
 NF4_CASES = [
@@ -35,6 +36,7 @@ NF4_CASES = [
     ('> 256 blocks split-K', 300, 128, 5, 64, 'nf4', True, 'float16', {'BLOCK_K': 32, 'SPLIT_K': 2}),
     ('ragged N batch 3', 97, 320, 3, 64, 'nf4', True, 'bfloat16', None),
     ('odd rows straddle, batch 1', 35, 90, 1, 64, 'nf4', True, 'float16', None),
+    ('split-K adding in float16', 70, 512, 1, 64, 'nf4', True, 'float16', {'BLOCK_K': 64, 'SPLIT_K': 4, 'SPLIT_ADD': 'native'}),
 ]
 TOLERANCE = {'float16': 2e-3, 'bfloat16': 1.5e-2}
 
@@ -230,14 +232,16 @@ def build(kernel, signature, constants, warps=4, stages=3):
     return dict(shared=compiled.metadata.shared, mma=compiled.asm['ptx'].count('mma.sync'))
 report = {}
 for dtype in ('fp16', 'bf16'):
-    for perm, tile, dot, bm, bn, bk, split, tiles in [(False, True, False, 1, 32, 128, 8, 4), (True, True, True, 16, 64, 128, 4, 8),
-                                                      (True, False, True, 16, 64, 64, 1, 8), (False, False, False, 1, 32, 64, 2, 8)]:
+    for perm, tile, dot, bm, bn, bk, split, tiles, native in [
+            (False, True, False, 1, 32, 128, 8, 4, False), (True, True, True, 16, 64, 128, 4, 8, False),
+            (True, False, True, 16, 64, 64, 1, 8, False), (False, False, False, 1, 32, 64, 2, 8, False),
+            (False, True, False, 1, 32, 128, 8, 4, True)]:   # native: split-K adds in x's dtype
         sig = dict(x_ptr=f'*{dtype}', packed_ptr='*u8', scales_ptr='*fp16', zeros_ptr='*u8', perm_ptr='*i32',
-                   out_ptr='*fp32' if split > 1 else f'*{dtype}', M='i32', N='i32', K='i32', stride_xm='i32',
-                   stride_om='i32', group_size='i32')
+                   out_ptr='*fp32' if split > 1 and not native else f'*{dtype}', M='i32', N='i32', K='i32',
+                   stride_xm='i32', stride_om='i32', group_size='i32')
         const = dict(HAS_PERM=perm, TILE_SCALES=tile, USE_DOT=dot, DOT_FP32=False, BLOCK_M=bm, BLOCK_N=bn,
                      BLOCK_K=bk, SPLIT_K=split, TILES=tiles)
-        report[f'int4 {dtype} {perm} {tile} {dot} {split}'] = build(K._int4_matmul_kernel, sig, const)
+        report[f'int4 {dtype} {perm} {tile} {dot} {split} {native}'] = build(K._int4_matmul_kernel, sig, const)
     for dq, tile, dot, bm, bn, bk, split, tiles in [(True, True, False, 1, 32, 64, 8, 8), (True, True, True, 16, 64, 64, 4, 16),
                                                     (False, False, True, 16, 64, 64, 1, 64)]:
         sig = dict(x_ptr=f'*{dtype}', packed_ptr='*u8', absmax_ptr='*u8' if dq else '*fp32', nested_ptr='*fp32',
@@ -258,6 +262,6 @@ def test_kernels_compile_for_hopper():
     run = subprocess.run([sys.executable, '-c', COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-5000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(report) == 14
+    assert len(report) == 16
     for name, r in report.items():   # name: kernel dtype flag tile-scales use-dot split
         assert (r['mma'] > 0) == (name.split()[4] == 'True'), (name, r)
