@@ -163,7 +163,7 @@ if triton is not None:
 
     @triton.jit
     def _store_tile(out_ptr, acc, rm, rn, m_in, n_in, stride_om, SPLIT_K: tl.constexpr):
-        "Write a tile of the output, or add it in float32 when K is split."
+        "Write a tile of the output, or add it to what is there when K is split."
         out = out_ptr + rm[:, None] * stride_om + rn[None, :]
         inside = m_in[:, None] & n_in[None, :]
         if SPLIT_K == 1: tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=inside)
@@ -263,7 +263,7 @@ def check_kernel_input(x, in_features: int, device: torch.device, name: str = 'x
     return x
 
 def launch(kernel, x: torch.Tensor, out_features: int, args: tuple, config: dict, **flags):
-    "Run `kernel` on a grid of (output tiles, K splits, row tiles); splits add in float32."
+    "Run `kernel` on a grid of (output tiles, K splits, row tiles); splits add up in float32."
     x2 = x.reshape(-1, x.shape[-1])
     (M, K), c = x2.shape, dict(config)
     # SPLIT_ADD='native': splits add in x's dtype, which saves the float32 buffer's cast
