@@ -17,18 +17,19 @@ gemv_4bit, on Llama-3's six weight shapes at batch 1 and 16, with the card's cei
   per shape and batch, until `--tune-seconds` run out (`--tune-kernel int4|nf4`, `--shapes` to subset).
 
 Timing: `triton.testing.do_bench`, median (it zeroes a 256 MB buffer before every call, so no weight sits in the
-L2 cache), and a second figure from a CUDA graph of one call on each of 2 to 16 copies of the weight (>= 256 MB
-of weights in turn, so again nothing stays in L2), replayed 20 times: the median replay / the number of calls. The graph removes the host's
-launch overhead (checks, allocations, the Triton launcher), which do_bench includes whenever it exceeds the
-cache flush; decoding loops run under CUDA graphs.
+L2 cache), and a second figure from a CUDA graph of one call on each of 2 to 16 copies of the weight (at least 128
+MB of weights in turn, over twice the L2 cache of an H100 or H200), replayed 20 times: the median replay / the
+number of calls. The graph removes the host's launch overhead (checks, allocations, the Triton launcher), which
+do_bench includes whenever it exceeds the cache flush; decoding loops run under CUDA graphs.
 
     python bench/kernels_gpu.py [--only PART ...] [--out PATH] [--quick] [--shapes 4096x4096 ...]
 
-On CUDA it writes bench/results/kernels_gpu.json (or --out); parts run now replace those parts in the file and
-the others are kept. `--merge A.json B.json --out C.json` joins files written by separate calls (each part keeps
-its own `seconds`; the metadata at the top is the first file's unless C.json had its own). `--quick` runs tiny
-shapes and short tunes; without CUDA it runs every part but `ceilings` on the CPU, our kernels in Triton's interpreter (TRITON_INTERPRET=1, set by the script): the checks are real, the times
-mean nothing (no graphs, no tinygemm or bitsandbytes CUDA kernels); it writes only with --out.
+On CUDA it writes bench/results/kernels_gpu.json (or --out); parts run now replace those parts in the file and the
+others are kept. `--merge A.json B.json --out C.json` joins files written by separate calls (each part keeps its
+own `seconds`; the metadata at the top is the first file's unless C.json had its own). `--quick` runs tiny shapes
+and short tunes; without CUDA it runs every part but `ceilings` on the CPU, our kernels in Triton's interpreter
+(TRITON_INTERPRET=1, set by the script): the checks are real, the times mean nothing (no graphs, no tinygemm or
+bitsandbytes CUDA kernels); it writes only with --out.
 
 Expected on one H100 or H200, each part alone (estimates: not yet run on a GPU): ceilings ~30 s, < 6 GiB;
 correctness ~2-3 min (Triton compiles about 100 kernel variants, well under a second each for sm_90 on
@@ -82,7 +83,7 @@ TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 LIBRARY_TOLERANCE = 2e-2  # reference libraries: that they compute this product, not how precisely
 PARTS = ('ceilings', 'correctness', 'int4', 'nf4', 'tune')
 DEFAULT_OUT = Path(__file__).resolve().parent / 'results' / 'kernels_gpu.json'
-GRAPH_CALLS, GRAPH_REPLAYS, L2_FLUSH = 16, 20, 256 * 2**20
+GRAPH_CALLS, GRAPH_REPLAYS, L2_FLUSH = 16, 20, 256 * 2**20  # at most 16 copies, aiming at 256 MB
 
 
 def log(*args): print(*args, flush=True)
