@@ -1,0 +1,267 @@
+"""Tests for quantcourse.kernels: the int4 and NF4 Triton kernels against float32 dequantize-then-matmul on the same
+codes (in Triton's CPU interpreter when there is no GPU, in a subprocess with TRITON_INTERPRET=1), the prepared
+int4 layout, and bad input (checked before any launch, so those tests need no Triton)."""
+import importlib.util, json, os, subprocess, sys
+import pytest, torch
+from quantcourse.gptq import GPTQLinear, GPTQWeight
+from quantcourse.kernels import (Int4Weight, check_kernel_input, int4_matmul, interpreted, nf4_matmul,
+                                 pick_config, prepare_int4, arithmetic_intensity, matmul_traffic)
+from quantcourse.nf4 import quantize_4bit
+from quantcourse.scales import QuantLinear, quantize_weight
+
+HAS_TRITON = importlib.util.find_spec('triton') is not None
+CUDA = torch.cuda.is_available()
+
+# (label, out_features, in_features, batch, group_size, symmetric, permuted, dtype, config)
+INT4_CASES = [
+    ('g128 batch 1', 64, 256, 1, 128, False, False, 'float16', None),
+    ('g64 batch 3 bf16', 70, 256, 3, 64, False, False, 'bfloat16', None),
+    ('channel batch 16 perm', 70, 192, 16, 'channel', False, True, 'float16', None),
+    ('g32 sym batch 1 bf16', 33, 96, 1, 32, True, False, 'bfloat16', None),
+    ('g24 (per-weight scales) perm', 48, 192, 1, 24, False, True, 'float16', None),
+    ('g24 batch 3 perm bf16', 48, 192, 3, 24, False, True, 'bfloat16', None),
+    ('split-K batch 5', 48, 128, 5, 128, False, False, 'float16', {'BLOCK_K': 64, 'SPLIT_K': 2}),
+    ('ragged N, perm, batch 3', 97, 384, 3, 128, False, True, 'bfloat16', None),
+    ('batch 64', 40, 128, 64, 64, False, False, 'float16', None),
+    ('batch 33 GEMV form', 40, 128, 33, 64, True, False, 'float16', {'USE_DOT': False, 'BLOCK_M': 4}),
+    ('split-K uneven (3 tiles, 2 splits)', 36, 192, 1, 64, False, True, 'float16', {'BLOCK_K': 64, 'SPLIT_K': 2}),
+    ('split-K adding in float16', 70, 512, 3, 64, False, False, 'float16', {'BLOCK_K': 64, 'SPLIT_K': 4, 'SPLIT_ADD': 'native'}),
+]
+# (label, out_features, in_features, batch, blocksize, quant_type, double_quant, dtype, config)
+NF4_CASES = [
+    ('double quant batch 1', 64, 256, 1, 64, 'nf4', True, 'float16', None),
+    ('plain batch 3 bf16', 70, 256, 3, 64, 'nf4', False, 'bfloat16', None),
+    ('blocks straddle rows batch 16', 70, 192, 16, 128, 'nf4', True, 'float16', None),
+    ('fp4 batch 1 bf16', 33, 96, 1, 32, 'fp4', True, 'bfloat16', None),
+    ('> 256 blocks split-K', 300, 128, 5, 64, 'nf4', True, 'float16', {'BLOCK_K': 32, 'SPLIT_K': 2}),
+    ('ragged N batch 3', 97, 320, 3, 64, 'nf4', True, 'bfloat16', None),
+    ('odd rows straddle, batch 1', 35, 90, 1, 64, 'nf4', True, 'float16', None),
+    ('split-K adding in float16', 70, 512, 1, 64, 'nf4', True, 'float16', {'BLOCK_K': 64, 'SPLIT_K': 4, 'SPLIT_ADD': 'native'}),
+]
+TOLERANCE = {'float16': 2e-3, 'bfloat16': 1.5e-2}
+
+SCRIPT = r'''
+import json, sys, torch, bitsandbytes.functional as bnbF
+from quantcourse.gptq import GPTQWeight
+from quantcourse.kernels import int4_matmul, nf4_matmul, prepare_int4, relative_error, interpreted
+from quantcourse.nf4 import Weight4bit, quantize_4bit
+from quantcourse.scales import quantize_weight
+int4_cases, nf4_cases = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+assert device == 'cuda' or interpreted()
+errors = {}
+for label, n, k, batch, group, symmetric, permuted, dtype, config in int4_cases:
+    g = torch.Generator().manual_seed(0)
+    q = quantize_weight(torch.randn(n, k, generator=g), 4, group, symmetric)
+    if permuted: q = GPTQWeight(q, torch.randperm(k, generator=g).short())
+    x = torch.randn(batch, k, generator=g).to(getattr(torch, dtype))
+    bias = torch.randn(n, generator=g)
+    reference = x.float() @ q.dequantize(torch.float32).T + bias
+    out = int4_matmul(x.to(device), prepare_int4(q).to(device), bias.to(device), config=config)
+    assert out.dtype == x.dtype and out.shape == (batch, n)
+    errors['int4 ' + label] = relative_error(out.cpu(), reference)
+for label, n, k, batch, size, qt, dq, dtype, config in nf4_cases:
+    g = torch.Generator().manual_seed(1)
+    w = quantize_4bit(torch.randn(n, k, generator=g) * 0.02, size, qt, dq)
+    x = torch.randn(2, batch, k, generator=g).to(getattr(torch, dtype))   # (..., in_features) inputs too
+    reference = x.float() @ w.dequantize(torch.float32).T
+    moved = Weight4bit(**{f: (v.to(device) if torch.is_tensor(v) else v) for f, v in vars(w).items()})
+    out = nf4_matmul(x.to(device), moved, config=config)
+    assert out.dtype == x.dtype and out.shape == (2, batch, n)
+    errors['nf4 ' + label] = relative_error(out.cpu(), reference)
+# bitsandbytes' own packing with double quantization, read as a Weight4bit
+weight = torch.randn(96, 320, generator=torch.Generator().manual_seed(2)) * 0.02
+packed, state = bnbF.quantize_4bit(weight, blocksize=64, quant_type='nf4', compress_statistics=True)
+w = Weight4bit(packed.view(-1), state.absmax, (96, 320), torch.float32, 64, 'nf4', state.state2.absmax, state.offset)
+x = torch.randn(3, 320, generator=torch.Generator().manual_seed(3)).half()
+moved = Weight4bit(**{f: (v.to(device) if torch.is_tensor(v) else v) for f, v in vars(w).items()})
+errors['nf4 bitsandbytes-packed'] = relative_error(nf4_matmul(x.to(device), moved).cpu(),
+                                                   x.float() @ w.dequantize(torch.float32).T)
+print(json.dumps(errors))
+'''
+
+
+@pytest.fixture(scope='module')
+def kernel_errors():
+    "Relative errors of every case, computed in one subprocess (the interpreter on a CPU)."
+    if not HAS_TRITON: pytest.skip('triton is not installed')
+    env = os.environ if CUDA else os.environ | {'TRITON_INTERPRET': '1'}
+    run = subprocess.run([sys.executable, '-c', SCRIPT, json.dumps(INT4_CASES), json.dumps(NF4_CASES)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-5000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize('case', INT4_CASES, ids=[c[0] for c in INT4_CASES])
+def test_int4_kernel_matches_float32_reference(case, kernel_errors):
+    assert kernel_errors['int4 ' + case[0]] < TOLERANCE[case[7]]
+
+
+@pytest.mark.parametrize('case', NF4_CASES, ids=[c[0] for c in NF4_CASES])
+def test_nf4_kernel_matches_float32_reference(case, kernel_errors):
+    assert kernel_errors['nf4 ' + case[0]] < TOLERANCE[case[7]]
+
+
+def test_nf4_kernel_reads_bitsandbytes_packing(kernel_errors):
+    assert kernel_errors['nf4 bitsandbytes-packed'] < TOLERANCE['float16']
+
+
+# ---------------------------------------------------------------- the prepared layout (no Triton needed)
+@pytest.mark.parametrize('symmetric', [False, True])
+@pytest.mark.parametrize('group', [32, 64, 'channel'])
+def test_prepare_int4_keeps_the_weight(symmetric, group):
+    q = quantize_weight(torch.randn(24, 192, generator=torch.Generator().manual_seed(0)), 4, group, symmetric)
+    assert torch.equal(prepare_int4(q).dequantize(), q.dequantize())
+
+
+def test_prepare_int4_from_layers():
+    "From a QuantLinear (RTN, AWQ) and a GPTQLinear with a column order: the layer's own weight."
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(128, 40)
+    rtn = QuantLinear.from_linear(linear, 4, 64, False)
+    assert torch.equal(prepare_int4(rtn).dequantize(), rtn.weight().dequantize())
+    q = GPTQWeight(quantize_weight(torch.randn(40, 128, generator=g), 4, 64, False), torch.randperm(128, generator=g).short())
+    layer = GPTQLinear.from_weight(q)
+    prepared = prepare_int4(layer)
+    assert prepared.perm.dtype == torch.int32 and torch.equal(prepared.dequantize(), q.dequantize())
+
+
+def test_prepare_int4_reads_large_int16_orders():
+    "GPTQ stores the order as int16: columns past 32,767 wrap negative; the prepared order does not."
+    perm = torch.arange(40000).flip(0)
+    q = GPTQWeight(quantize_weight(torch.zeros(2, 40000), 4, 'channel', False), perm.to(torch.int16))
+    assert torch.equal(prepare_int4(q).perm.long(), perm)
+
+
+def test_prepare_int4_refuses_what_it_cannot_run():
+    with pytest.raises(ValueError, match='bits=4'): prepare_int4(quantize_weight(torch.randn(8, 64), 3, 32, False))
+    with pytest.raises(ValueError, match="group_size"): prepare_int4(quantize_weight(torch.randn(8, 64), 4, 'tensor', False))
+    with pytest.raises(TypeError, match='QuantizedWeight'): prepare_int4(torch.randn(8, 64))
+
+
+# ---------------------------------------------------------------- bad input, before any launch
+@pytest.fixture
+def prepared():
+    return prepare_int4(quantize_weight(torch.randn(32, 128, generator=torch.Generator().manual_seed(0)), 4, 64, False))
+
+
+def test_wrong_activation_dtype(prepared):
+    with pytest.raises(TypeError, match='x must be float16 or bfloat16'): int4_matmul(torch.randn(2, 128), prepared)
+    with pytest.raises(TypeError, match='x must be a torch.Tensor'): int4_matmul([[1.0] * 128], prepared)
+
+
+def test_wrong_width(prepared):
+    with pytest.raises(ValueError, match='in_features=128'): int4_matmul(torch.randn(2, 64).half(), prepared)
+
+
+def test_non_contiguous_input(prepared):
+    x = torch.randn(128, 2).half().T
+    with pytest.raises(ValueError, match='x must be contiguous'): int4_matmul(x, prepared)
+
+
+def test_wrong_weight_kind(prepared):
+    x = torch.randn(2, 128).half()
+    with pytest.raises(TypeError, match='Int4Weight'): int4_matmul(x, quantize_weight(torch.randn(32, 128), 4, 64, False))
+    with pytest.raises(TypeError, match='Weight4bit'): nf4_matmul(x, prepared)
+
+
+def test_nf4_odd_in_features():
+    w = quantize_4bit(torch.randn(4, 63), 64, 'nf4')
+    with pytest.raises(ValueError, match='even in_features'): nf4_matmul(torch.randn(2, 63).half(), w)
+
+
+@pytest.mark.skipif(interpreted(), reason='the interpreter takes CPU tensors')
+def test_cpu_tensors_need_the_interpreter(prepared):
+    with pytest.raises(ValueError, match='take CUDA tensors'): int4_matmul(torch.randn(2, 128).half(), prepared)
+    with pytest.raises(ValueError, match='take CUDA tensors'):
+        nf4_matmul(torch.randn(2, 128).half(), quantize_4bit(torch.randn(32, 128), 64, 'nf4', True))
+
+
+@pytest.mark.skipif(not CUDA, reason='needs two devices')
+def test_device_mismatch(prepared):
+    with pytest.raises(ValueError, match='weight is on cpu'): check_kernel_input(torch.randn(2, 128, device='cuda').half(), 128, 'cpu')
+
+
+def test_imports_without_triton():
+    "`import quantcourse` and `quantcourse.kernels` work when triton cannot be imported; the kernels say why."
+    script = '''
+import sys; sys.modules['triton'] = None   # import triton now raises ImportError
+import quantcourse, quantcourse.kernels as k, torch
+from quantcourse.scales import quantize_weight
+assert k.triton is None and not k.interpreted()
+w = k.prepare_int4(quantize_weight(torch.randn(8, 64), 4, 32, False))
+try: k.int4_matmul(torch.randn(2, 64).half(), w)
+except ValueError as e: assert 'CUDA tensors' in str(e), e
+else: raise AssertionError('no error')
+'''
+    run = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_intensity_formula():
+    flops, moved = matmul_traffic(1, 4096, 4096, 16)
+    assert flops == 2 * 4096 * 4096 and moved == 4096 * 4096 * 2 + 2 * (4096 + 4096)
+    assert abs(arithmetic_intensity(16, 8192, 8192, 4) - 2 * 16 * 8192 * 8192 / (8192 * 8192 / 2 + 32 * 16384)) < 1e-9
+
+
+def test_pick_config_divides_the_group():
+    for group in (32, 64, 128, 192, 576):
+        config = pick_config(1, 4096, 4608, group, 132)
+        assert group % config['BLOCK_K'] == 0
+    assert pick_config(1, 4096, 4096, 128, 132)['USE_DOT'] is False
+    assert pick_config(16, 4096, 4096, 128, 132)['BLOCK_M'] == 16
+
+
+COMPILE_SCRIPT = r'''
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import quantcourse.kernels as K
+assert not K.interpreted()
+HINTED = {'x_ptr', 'packed_ptr', 'out_ptr', 'N', 'K', 'stride_xm', 'stride_om', 'scales_ptr', 'zeros_ptr',
+          'perm_ptr', 'group_size', 'absmax_ptr', 'nested_ptr', 'levels_ptr', 'dynamic_ptr'}
+def build(kernel, signature, constants, warps=4, stages=3):
+    "Compile for sm_90 (H100/H200) through ptxas, with the 16-divisibility the JIT finds at run time."
+    signature = dict(signature, **{k: 'constexpr' for k in constants})
+    names = list(signature)
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(names.index(k),): v for k, v in constants.items()},
+                       attrs={(names.index(k),): [['tt.divisibility', 16]] for k in names if k in HINTED})
+    compiled = triton.compile(source, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    return dict(shared=compiled.metadata.shared, mma=compiled.asm['ptx'].count('mma.sync'))
+report = {}
+for dtype in ('fp16', 'bf16'):
+    for perm, tile, dot, bm, bn, bk, split, tiles, native in [
+            (False, True, False, 1, 32, 128, 8, 4, False), (True, True, True, 16, 64, 128, 4, 8, False),
+            (True, False, True, 16, 64, 64, 1, 8, False), (False, False, False, 1, 32, 64, 2, 8, False),
+            (False, True, False, 1, 32, 128, 8, 4, True)]:   # native: split-K adds in x's dtype
+        sig = dict(x_ptr=f'*{dtype}', packed_ptr='*u8', scales_ptr='*fp16', zeros_ptr='*u8', perm_ptr='*i32',
+                   out_ptr='*fp32' if split > 1 and not native else f'*{dtype}', M='i32', N='i32', K='i32',
+                   stride_xm='i32', stride_om='i32', group_size='i32')
+        const = dict(HAS_PERM=perm, TILE_SCALES=tile, USE_DOT=dot, DOT_FP32=False, BLOCK_M=bm, BLOCK_N=bn,
+                     BLOCK_K=bk, SPLIT_K=split, TILES=tiles)
+        report[f'int4 {dtype} {perm} {tile} {dot} {split} {native}'] = build(K._int4_matmul_kernel, sig, const)
+    for dq, tile, dot, bm, bn, bk, split, tiles in [(True, True, False, 1, 32, 64, 8, 8), (True, True, True, 16, 64, 64, 4, 16),
+                                                    (False, False, True, 16, 64, 64, 1, 64)]:
+        sig = dict(x_ptr=f'*{dtype}', packed_ptr='*u8', absmax_ptr='*u8' if dq else '*fp32', nested_ptr='*fp32',
+                   offset_ptr='*fp32', levels_ptr='*fp32', dynamic_ptr='*fp32',
+                   out_ptr='*fp32' if split > 1 else f'*{dtype}', M='i32', N='i32', K='i32', stride_xm='i32',
+                   stride_om='i32', blocksize='i32')
+        const = dict(DOUBLE_QUANT=dq, NESTED=256, TILE_SCALES=tile, USE_DOT=dot, DOT_FP32=False, BLOCK_M=bm,
+                     BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, TILES=tiles)
+        report[f'nf4 {dtype} {dq} {tile} {dot} {split}'] = build(K._nf4_matmul_kernel, sig, const)
+print(json.dumps(report))
+'''
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason='triton is not installed')
+def test_kernels_compile_for_hopper():
+    "Without a GPU: both kernels compile for sm_90 through Triton's bundled ptxas (tensor-core forms use mma)."
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    run = subprocess.run([sys.executable, '-c', COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-5000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(report) == 16
+    for name, r in report.items():   # name: kernel dtype flag tile-scales use-dot split
+        assert (r['mma'] > 0) == (name.split()[4] == 'True'), (name, r)
