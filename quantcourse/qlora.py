@@ -291,7 +291,8 @@ def with_adapters(base, targets='all-linear', r: int = 8, alpha: float = 16, see
 
 def track_training(model, batches, steps: int,
                    measure, # measure(model) -> a number, e.g. a perplexity
-                   every: int = 20, lr: float = 1e-3, warmup: int = 2, progress: bool = True) -> dict:
+                   every: int = 20, lr: float = 1e-3, warmup: int = 2,
+                   progress: bool = True) -> dict:
     "Train `model` with `train_lora`, measured at step 0 and every `every` steps; and the seconds."
     check_int(every, 'every', 1)
     curve = {0: measure(model)}
