@@ -41,7 +41,33 @@ OURS = [('RTN', 'rtn', {}), ('AWQ', 'awq', {}), ('AWQ + clip', 'awq', dict(clip=
 # the blocks already quantized, one suspected reason for llm-compressor's lower INT4 perplexity
 register_method(dataclasses.replace(METHODS['awq'], name='awq_sequential', sequential=True,
                                     doc="AWQ, each block searched on the quantized blocks' outputs"))
+# ours with llm-awq's rounding (search and final weights): is the INT3 gap to llm-awq in how a group is rounded?
+VARIANTS = [("AWQ + clip, llm-awq's rounding", None, {}, 'ours, llm-awq rounding')]
 Q4_K_M = Budget('q4km', calib_samples=0, calib_seq_len=0, eval_tokens=20460, context=1024)
+
+
+def llm_awq_rounding(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> torch.Tensor:
+    "llm-awq's pseudo_quantize_tensor with a zero-point, in float32: each group's own min to max, float32 scales."
+    if symmetric: raise ValueError("llm-awq's rounding here is the asymmetric one (zero_point=True)")
+    w = weight.float().reshape(-1, group_size)
+    hi, lo, top = w.amax(1, keepdim=True), w.amin(1, keepdim=True), 2**bits - 1
+    scale = (hi - lo).clamp(min=1e-5) / top
+    zero = (-torch.round(lo / scale)).clamp(0, top)
+    rounded = (torch.clamp(torch.round(w / scale) + zero, 0, top) - zero) * scale
+    return rounded.reshape(weight.shape).to(weight.dtype)
+
+
+def awq_llm_awq_rounding(work, calibration, bits):
+    "Our AWQ + clip searched and applied with `llm_awq_rounding` in place of our fake_quantize (float16 scales)."
+    import quantcourse.awq as awq_module
+    saved = awq_module.fake_quantize
+    awq_module.fake_quantize = lambda w, b, g, sym: llm_awq_rounding(w, b, g, sym)
+    try: awq_model(work, calibration, progress=False, bits=bits, group_size=64, symmetric=False, clip=True)
+    finally: awq_module.fake_quantize = saved
+    for module in decoder_blocks(work)[1].modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data = llm_awq_rounding(module.weight.data, bits, 64)
+    return work
 
 
 def check_correctness(model, calibration, device):
@@ -103,6 +129,7 @@ def tasks(seeds, bits_list, peers: bool, only=None, first_seed_extras=True):
     extras = [r for r in OURS if r[0] not in ESSENTIAL]
     extras = [(*r, 'ours') for r in extras] + ([PEERS[1]] if peers else [])
     if first_seed_extras: todo += [(*run, seeds[0], bits) for run in extras for bits in bits_list]
+    todo += [(*run, seed, bits) for seed in seeds for bits in bits_list for run in VARIANTS]
     return [t for t in todo if not only or t[0] in only]
 
 
@@ -138,6 +165,7 @@ def quantize_task(work, task, tokenizer, calibration):
     "Quantize `work` as `task` says (in place, or the peer's returned model)."
     label, method, cfg, source, seed, bits = task
     if source == 'llm-compressor': return llm_compressor(work, tokenizer, calibration, bits, cfg['duo'])
+    if source == VARIANTS[0][3]: return awq_llm_awq_rounding(work, calibration, bits)
     if source == 'llm-awq':
         from llm_awq_peer import llm_awq
         return llm_awq(work, tokenizer, calibration, bits)
