@@ -18,10 +18,10 @@ import torch.nn.functional as F
 # %% auto #0
 __all__ = ['BUDGETS', 'MODEL_PACKAGE', 'MODEL_NAME', 'INSTALL_MODEL', 'NOVELS', 'TEXT_PACKAGE',
           'EVALUATION_NOVEL', 'CALIBRATION_NOVELS', 'METHODS', 'course_root', 'cache_dir',
-          'default_device', 'Budget', 'get_budget', 'bundled_gguf', 'load_model', 'text_dir',
-          'fetch_text', 'unwrap', 'load_text', 'tokenize_text', 'eval_tokens',
-          'calibration_samples', 'token_nll', 'perplexity', 'naive_perplexity', 'window_logits',
-          'kl_to_reference', 'linear_names', 'capture_inputs', 'replace_linears',
+          'default_device', 'Budget', 'get_budget', 'bundled_gguf', 'load_model',
+          'import_bitsandbytes', 'text_dir', 'fetch_text', 'unwrap', 'load_text', 'tokenize_text',
+          'eval_tokens', 'calibration_samples', 'token_nll', 'perplexity', 'naive_perplexity',
+          'window_logits', 'kl_to_reference', 'linear_names', 'capture_inputs', 'replace_linears',
           'model_size_bytes', 'check_int', 'check_number', 'check_choice', 'check_tensor',
           'decoder_blocks', 'block_inputs', 'run_block', 'LinearGroup', 'linear_groups',
           'QuantizedLinear', 'stored_bits', 'model_bits', 'dequantized_copy', 'Method',
@@ -149,6 +149,23 @@ def _load_model(name_or_path, dtype, device):
         tok = AutoTokenizer.from_pretrained(str(name_or_path))
         model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
     return model.to(dtype=dtype, device=device or default_device()).eval(), tok
+
+# %% ../nbs/00_core.ipynb #cb929400
+def import_bitsandbytes():
+    "bitsandbytes, imported without its attempt to fetch an optional CPU kernel from the hub."
+    import logging, sys
+    if 'bitsandbytes' in sys.modules: return sys.modules['bitsandbytes']
+    had_kernels, kernels = 'kernels' in sys.modules, sys.modules.get('kernels')
+    ops_log = logging.getLogger('bitsandbytes.backends.cpu.ops')
+    level = ops_log.level
+    ops_log.setLevel(logging.ERROR)
+    sys.modules['kernels'] = None  # `from kernels import ...` now raises ImportError at once
+    try: import bitsandbytes
+    finally:
+        ops_log.setLevel(level)
+        if had_kernels: sys.modules['kernels'] = kernels
+        else: del sys.modules['kernels']
+    return bitsandbytes
 
 # %% ../nbs/00_core.ipynb #9f8e3958
 NOVELS = ('emma', 'mansfieldpark', 'northangerabbey', 'persuasion', 'prideprejudice',

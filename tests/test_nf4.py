@@ -5,7 +5,8 @@ import torch.nn.functional as F
 import pytest, torch
 from torch import nn
 from hypothesis import given, settings, strategies as st
-import bitsandbytes as bnb
+from quantcourse.core import import_bitsandbytes
+bnb = import_bitsandbytes()  # without its hub kernel fetch (chapter 00)
 import bitsandbytes.functional as bnbF
 from safetensors.torch import save_file, load_file
 from quantcourse.core import replace_linears

@@ -3,7 +3,8 @@ import copy, io, logging
 import pytest, torch
 from torch import nn
 from hypothesis import given, settings, strategies as st
-import bitsandbytes as bnb
+from quantcourse.core import import_bitsandbytes
+bnb = import_bitsandbytes()  # without its hub kernel fetch (chapter 00)
 from safetensors.torch import save, load
 from quantcourse.core import linear_names
 from quantcourse.outliers import (ChannelStats, input_stats, int8_matmul, quantize_activations, W8A8Linear,

@@ -2,7 +2,8 @@
 import json, math, re
 import pytest, torch
 from torch import nn
-import bitsandbytes as bnb
+from quantcourse.core import import_bitsandbytes
+bnb = import_bitsandbytes()  # without its hub kernel fetch (chapter 00)
 import peft
 import tiny_models
 from quantcourse.core import QuantizedLinear, replace_linears
