@@ -25,7 +25,8 @@ token inside the GEMM) against cuBLAS bfloat16, torch._int_mm and torch._scaled_
   `torch._int_mm` alone and `torch._scaled_mm` (FP8 E4M3, row-wise float32 scales, bfloat16 out) alone, on codes
   made beforehand; the same each with an eager per-token quantization in front (chapter 03's
   `W8A8Linear.compute` for int8; `quantize_fp8_rows` for FP8); our fused int8 and FP8 kernels (`w8a8_matmul`: a
-  Triton pre-pass for the row scales, the quantization in the GEMM's prologue). Each is checked against float32
+  Triton pre-pass for the row scales, the quantization in the GEMM's prologue; FP8 also with FAST_ACCUM, the
+  whole sum left to the tensor cores' FP8 accumulator). Each is checked against float32
   first, then timed by do_bench (median) and a CUDA graph of 4 calls (none for W8A8Linear, whose NaN check syncs
   with the host); rows give microseconds, TFLOP/s and the speed-up over bfloat16;
 - `tune`: our kernels over `CANDIDATE_CONFIGS` (each checked against the reference before it is timed), best
@@ -50,7 +51,7 @@ Expected on one H100 or H200, each part alone (estimates: not yet run on a GPU):
 correctness ~2-3 min (Triton compiles about 100 kernel variants, well under a second each for sm_90 on
 this project's CPU, kept in ~/.triton/cache for the later parts on the same machine), < 8 GiB; int4 ~2-3 min,
 < 12 GiB (up to 16 rotating copies of each weight); nf4 ~2 min, < 12 GiB; int8 ~2-3 min, < 12 GiB (built like int4,
-plus an int8 copy of each weight); w8a8 ~1-2 min (a handful of Triton compiles, then 7 methods x 6 cases of
+plus an int8 copy of each weight); w8a8 ~1-2 min (a handful of Triton compiles, then 8 methods x 6 cases of
 30-600 us each), < 4 GiB (float32 references of outputs up to 4096 x 14336); the correctness part's W8A8 checks add
 ~30 s and ~2 GiB; tune: about 100 s per shape and batch
 for the whole grid, cut at --tune-seconds (default 420) plus a minute of setup, < 8 GiB: tune two shapes a call
@@ -411,7 +412,8 @@ def w8a8_methods(layer: W8A8Layer, x: torch.Tensor) -> dict:
         'eager int8: W8A8Linear (quantize + _int_mm + scales)': (lambda: layer.eager.compute(x), int8_ref, bf16),
         'eager fp8: quantize_fp8_rows + _scaled_mm': (lambda: scaled_mm(*quantize_fp8_rows(x)), fp8_ref, bf16),
         'ours fused int8': (lambda: w8a8_matmul(x, w8), int8_ref, bf16),
-        'ours fused fp8': (lambda: w8a8_matmul(x, w_fp8), fp8_ref, bf16)}
+        'ours fused fp8': (lambda: w8a8_matmul(x, w_fp8), fp8_ref, bf16),
+        'ours fused fp8 fast-accum': (lambda: w8a8_matmul(x, w_fp8, config=dict(FAST_ACCUM=True)), fp8_ref, bf16)}
     for name, entry in candidates.items():
         try:
             entry[0]()                 # can it run here at all (CPU builds lack some of these)?

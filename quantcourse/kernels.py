@@ -387,7 +387,7 @@ def nf4_matmul(x: torch.Tensor, # (..., in_features), float16 or bfloat16, conti
                  TILE_SCALES=K % size == 0 and size % config['BLOCK_K'] == 0)
     return out if bias is None else out + bias.to(out.dtype)
 
-# %% ../nbs/09_kernels.ipynb #9842d49d
+# %% ../nbs/09_kernels.ipynb #d56eedf9
 def prepare_int8(weight: RowwiseInt8Weight|QuantizedWeight|W8A8Linear, # int8 codes, a scale per row
                 ) -> RowwiseInt8Weight:
     "Chapter 03's int8 weights (a layer, codes + scales or codes + absmax) as `RowwiseInt8Weight`."
@@ -402,7 +402,7 @@ def prepare_int8(weight: RowwiseInt8Weight|QuantizedWeight|W8A8Linear, # int8 co
                          f"{weight.group_size!r}, symmetric={weight.symmetric}")
     return RowwiseInt8Weight(weight.codes.contiguous(), weight.scale.float().view(-1) * 127)
 
-# %% ../nbs/09_kernels.ipynb #5f6c6775
+# %% ../nbs/09_kernels.ipynb #7a151e73
 def row_scaled_parts(weight: RowwiseInt8Weight|FP8Weight, # int8 or FP8 E4M3 rows
                     ) -> tuple[torch.Tensor, torch.Tensor, float]:
     "Codes, per-row factor and its divisor (127 for an absmax) of a weight the 8-bit kernels read."
@@ -426,7 +426,7 @@ def row_scaled_parts(weight: RowwiseInt8Weight|FP8Weight, # int8 or FP8 E4M3 row
                          "move the weight with .to(device)")
     return codes, factor, divisor
 
-# %% ../nbs/09_kernels.ipynb #7b1cdde0
+# %% ../nbs/09_kernels.ipynb #4b506731
 if triton is not None:
     @triton.jit
     def _w8a16_matmul_kernel(x_ptr, codes_ptr, absmax_ptr, out_ptr, M, N, K, stride_xm, stride_om,
@@ -446,7 +446,7 @@ if triton is not None:
         scale = tl.load(absmax_ptr + rn, mask=n_in, other=0.0) / 127.0
         _store_tile(out_ptr, acc * scale[None, :], rm, rn, m_in, n_in, stride_om, SPLIT_K)
 
-# %% ../nbs/09_kernels.ipynb #ab02ab4b
+# %% ../nbs/09_kernels.ipynb #dddd6eba
 def w8a16_matmul(x: torch.Tensor, # (..., in_features), float16 or bfloat16, contiguous
                  weight: RowwiseInt8Weight, # from `prepare_int8`
                  bias: torch.Tensor|None = None,
@@ -465,7 +465,7 @@ def w8a16_matmul(x: torch.Tensor, # (..., in_features), float16 or bfloat16, con
     out = launch(_w8a16_matmul_kernel, x, N, (codes, absmax), config)
     return out if bias is None else out + bias.to(out.dtype)
 
-# %% ../nbs/09_kernels.ipynb #f414332a
+# %% ../nbs/09_kernels.ipynb #3ee00f6c
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448: E4M3's largest finite value
 
 def quantize_fp8_rows(x: torch.Tensor, # floats, (rows, columns)
@@ -502,7 +502,7 @@ def quantize_fp8_weight(weight: torch.Tensor, # float (out_features, in_features
                          f"{tuple(weight.shape)}")
     return FP8Weight(*quantize_fp8_rows(weight.detach()))
 
-# %% ../nbs/09_kernels.ipynb #2943e3d9
+# %% ../nbs/09_kernels.ipynb #740ffb60
 if triton is not None:
     @triton.jit
     def _token_scales_kernel(x_ptr, scales_ptr, M, K, stride_xm, QMAX: tl.constexpr,
@@ -556,7 +556,8 @@ if triton is not None:
     @triton.jit
     def _w8a8_matmul_kernel(x_ptr, x_scales_ptr, codes_ptr, w_factor_ptr, out_ptr,
                             M, N, K, stride_xm, stride_om, W_DIVISOR: tl.constexpr,
-                            FP8: tl.constexpr, ROUND_FP8: tl.constexpr, GROUP_M: tl.constexpr,
+                            FP8: tl.constexpr, ROUND_FP8: tl.constexpr, FAST_ACCUM: tl.constexpr,
+                            GROUP_M: tl.constexpr,
                             USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,  # (launch's; unused)
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             SPLIT_K: tl.constexpr, TILES: tl.constexpr):
@@ -571,13 +572,16 @@ if triton is not None:
             x = _load_x(x_ptr, rm, m_in, rk, k_in, stride_xm)
             codes = tl.load(codes_ptr + rn[:, None] * K + rk[None, :],
                             mask=n_in[:, None] & k_in[None, :], other=0.0 if FP8 else 0)
-            acc = tl.dot(_quantize_tile(x, inverse, FP8, ROUND_FP8), tl.trans(codes), acc,
-                         out_dtype=tl.float32 if FP8 else tl.int32)
+            q = _quantize_tile(x, inverse, FP8, ROUND_FP8)
+            if not FP8: acc = tl.dot(q, tl.trans(codes), acc, out_dtype=tl.int32)
+            elif FAST_ACCUM: acc = tl.dot(q, tl.trans(codes), acc)  # the tensor cores' own sum
+            else:  # each step's sum added to acc in float32 (Hopper's FP8 sum is less precise)
+                acc = tl.dot(q, tl.trans(codes), acc, max_num_imprecise_acc=BLOCK_K)
         w_scale = tl.load(w_factor_ptr + rn, mask=n_in, other=0.0) / W_DIVISOR
         out = acc.to(tl.float32) * x_scale[:, None] * w_scale[None, :]
         _store_tile(out_ptr, out, rm, rn, m_in, n_in, stride_om, SPLIT_K)
 
-# %% ../nbs/09_kernels.ipynb #95a65ac6
+# %% ../nbs/09_kernels.ipynb #18e91e36
 def token_scales(x: torch.Tensor, # (..., in_features), float16 or bfloat16, contiguous
                  qmax: float = 127.0, # the largest code: 127 for int8, 448 for FP8 E4M3
                 ) -> torch.Tensor:
@@ -594,7 +598,7 @@ def token_scales(x: torch.Tensor, # (..., in_features), float16 or bfloat16, con
                                                TILES=triton.cdiv(K, block_k))
     return scales
 
-# %% ../nbs/09_kernels.ipynb #355cd1b8
+# %% ../nbs/09_kernels.ipynb #1646bee3
 def w8a8_config(M: int, N: int, K: int, # x is (M, K), the weight (N, K)
                 processors: int|None = None, # streaming multiprocessors (None: this device's)
                ) -> dict:
@@ -604,7 +608,8 @@ def w8a8_config(M: int, N: int, K: int, # x is (M, K), the weight (N, K)
     while programs * split_k < (processors or sm_count()) and 2 * split_k <= min(16, k_tiles):
         split_k *= 2
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split_k, USE_DOT=True,
-                num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3)
+                num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3,
+                FAST_ACCUM=False)  # FP8: True leaves the whole sum to the tensor cores' accumulator
 
 def w8a8_matmul(x: torch.Tensor, # (..., in_features), float16 or bfloat16, contiguous
                 weight: RowwiseInt8Weight|FP8Weight, # int8 (prepare_int8) or FP8 E4M3 codes

@@ -288,6 +288,7 @@ W8A8_CASES = [
     ('int8 split-K', 'int8', 48, 384, 5, 'float16', {'BLOCK_K': 64, 'SPLIT_K': 3}, False),
     ('int8 two row tiles, grouped', 'int8', 96, 160, 70, 'float16', {'BLOCK_M': 16, 'BLOCK_N': 32, 'SPLIT_K': 1}, True),
     ('fp8 batch 16', 'fp8', 64, 256, 16, 'float16', None, False),
+    ('fp8 fast accumulation', 'fp8', 64, 256, 16, 'float16', {'FAST_ACCUM': True}, False),
     ('fp8 ragged bf16', 'fp8', 70, 200, 37, 'bfloat16', None, False),
     ('fp8 batch 1 split-K', 'fp8', 48, 384, 1, 'float16', {'BLOCK_K': 64, 'SPLIT_K': 3}, False),
     ('fp8 two row tiles, grouped', 'fp8', 96, 160, 70, 'bfloat16', {'BLOCK_M': 16, 'BLOCK_N': 32}, False),
@@ -488,7 +489,7 @@ for dtype in ('fp16', 'bf16'):
     for fp8 in (False, True):
         sig = dict(x_ptr=f'*{dtype}', x_scales_ptr='*fp32', codes_ptr='*fp8e4nv' if fp8 else '*i8', w_factor_ptr='*fp32',
                    out_ptr=f'*{dtype}', M='i32', N='i32', K='i32', stride_xm='i32', stride_om='i32')
-        const = dict(W_DIVISOR=1.0 if fp8 else 127.0, FP8=fp8, ROUND_FP8=False, GROUP_M=8, USE_DOT=True, DOT_FP32=False,
+        const = dict(W_DIVISOR=1.0 if fp8 else 127.0, FP8=fp8, ROUND_FP8=False, FAST_ACCUM=False, GROUP_M=8, USE_DOT=True, DOT_FP32=False,
                      BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, TILES=32)
         report[f'w8a8 {dtype} {"fp8" if fp8 else "int8"}'] = build(K._w8a8_matmul_kernel, sig, const, warps=8)
     report[f'token scales {dtype}'] = build(K._token_scales_kernel, dict(x_ptr=f'*{dtype}', scales_ptr='*fp32', M='i32',
