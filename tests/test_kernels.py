@@ -81,15 +81,20 @@ print(json.dumps(errors))
 '''
 
 
-@pytest.fixture(scope='module')
-def kernel_errors():
-    "Relative errors of every case, computed in one subprocess (the interpreter on a CPU)."
+def run_kernels(script: str, *cases) -> dict:
+    "The JSON that `script` prints, run with `cases` in a subprocess (the interpreter on a CPU)."
     if not HAS_TRITON: pytest.skip('triton is not installed')
     env = os.environ if CUDA else os.environ | {'TRITON_INTERPRET': '1'}
-    run = subprocess.run([sys.executable, '-c', SCRIPT, json.dumps(INT4_CASES), json.dumps(NF4_CASES)],
+    run = subprocess.run([sys.executable, '-c', script, *map(json.dumps, cases)],
                          capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-5000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope='module')
+def kernel_errors():
+    "Relative errors of every case, computed in one subprocess (the interpreter on a CPU)."
+    return run_kernels(SCRIPT, INT4_CASES, NF4_CASES)
 
 
 @pytest.mark.parametrize('case', INT4_CASES, ids=[c[0] for c in INT4_CASES])
@@ -361,12 +366,7 @@ print(json.dumps(report))
 @pytest.fixture(scope='module')
 def eight_bit_report():
     "Errors of every 8-bit case and the prologue checks, computed in one subprocess (the interpreter on a CPU)."
-    if not HAS_TRITON: pytest.skip('triton is not installed')
-    env = os.environ if CUDA else os.environ | {'TRITON_INTERPRET': '1'}
-    run = subprocess.run([sys.executable, '-c', EIGHT_BIT_SCRIPT, json.dumps(W8A16_CASES), json.dumps(W8A8_CASES)],
-                         capture_output=True, text=True, env=env, timeout=900)
-    assert run.returncode == 0, run.stderr[-5000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return run_kernels(EIGHT_BIT_SCRIPT, W8A16_CASES, W8A8_CASES)
 
 
 @pytest.mark.parametrize('case', W8A16_CASES, ids=[c[0] for c in W8A16_CASES])
