@@ -1,6 +1,8 @@
-"""Tests for quantcourse.kernels: the int4 and NF4 Triton kernels against float32 dequantize-then-matmul on the same
-codes (in Triton's CPU interpreter when there is no GPU, in a subprocess with TRITON_INTERPRET=1), the prepared
-int4 layout, and bad input (checked before any launch, so those tests need no Triton)."""
+"""Tests for quantcourse.kernels: the int4, NF4 and int8 weight-only (W8A16) Triton kernels against float32
+dequantize-then-matmul on the same codes, the fused W8A8 kernels (int8, FP8 E4M3) against the same per-token
+quantization done in torch (in Triton's CPU interpreter when there is no GPU, in a subprocess with
+TRITON_INTERPRET=1), the prepared layouts, compilation for sm_90, and bad input (checked before any launch, so
+those tests need no Triton)."""
 import importlib.util, json, os, subprocess, sys
 import pytest, torch
 from quantcourse.gptq import GPTQLinear, GPTQWeight
