@@ -387,7 +387,7 @@ def nf4_matmul(x: torch.Tensor, # (..., in_features), float16 or bfloat16, conti
                  TILE_SCALES=K % size == 0 and size % config['BLOCK_K'] == 0)
     return out if bias is None else out + bias.to(out.dtype)
 
-# %% ../nbs/09_kernels.ipynb #c348e379
+# %% ../nbs/09_kernels.ipynb #b86beab7
 def prepare_int8(weight: RowwiseInt8Weight|QuantizedWeight|W8A8Linear, # int8 codes, a scale per row
                 ) -> RowwiseInt8Weight:
     "Chapter 03's int8 weights (a layer, codes + scales or codes + absmax) as `RowwiseInt8Weight`."
@@ -402,7 +402,7 @@ def prepare_int8(weight: RowwiseInt8Weight|QuantizedWeight|W8A8Linear, # int8 co
                          f"{weight.group_size!r}, symmetric={weight.symmetric}")
     return RowwiseInt8Weight(weight.codes.contiguous(), weight.scale.float().view(-1) * 127)
 
-# %% ../nbs/09_kernels.ipynb #db7d91e2
+# %% ../nbs/09_kernels.ipynb #77420288
 def row_scaled_parts(weight, # a RowwiseInt8Weight, or an FP8Weight (further down)
                     ) -> tuple[torch.Tensor, torch.Tensor, float]:
     "Codes, per-row factor and its divisor (127 for an absmax) of a weight the 8-bit kernels read."
@@ -426,7 +426,7 @@ def row_scaled_parts(weight, # a RowwiseInt8Weight, or an FP8Weight (further dow
                          "move the weight with .to(device)")
     return codes, factor, divisor
 
-# %% ../nbs/09_kernels.ipynb #f122cf1f
+# %% ../nbs/09_kernels.ipynb #3add7ae2
 if triton is not None:
     @triton.jit
     def _w8a16_matmul_kernel(x_ptr, codes_ptr, absmax_ptr, out_ptr, M, N, K, stride_xm, stride_om,
@@ -442,11 +442,16 @@ if triton is not None:
             x = _load_x(x_ptr, rm, m_in, rk, k_in, stride_xm)
             codes = tl.load(codes_ptr + rn[:, None] * K + rk[None, :],
                             mask=n_in[:, None] & k_in[None, :], other=0)
-            acc += _product(x, codes, USE_DOT, DOT_FP32)
+            if USE_DOT and x.dtype == tl.bfloat16:  # 128 + 255 needs more bits than bfloat16 has
+                acc += _product(x, codes, USE_DOT, DOT_FP32)
+            else:  # code + 128 as a byte, made a float by `_codes_to`; 128 * sum(x) comes off
+                shifted = (codes ^ -128).to(tl.uint8, bitcast=True)
+                acc += (_product(x, shifted, USE_DOT, DOT_FP32)
+                        - 128.0 * tl.sum(x.to(tl.float32), 1)[:, None])
         scale = tl.load(absmax_ptr + rn, mask=n_in, other=0.0) / 127.0
         _store_tile(out_ptr, acc * scale[None, :], rm, rn, m_in, n_in, stride_om, SPLIT_K)
 
-# %% ../nbs/09_kernels.ipynb #dc4f9241
+# %% ../nbs/09_kernels.ipynb #efa53255
 def w8a16_matmul(x: torch.Tensor, # (..., in_features), float16 or bfloat16, contiguous
                  weight: RowwiseInt8Weight, # from `prepare_int8`
                  bias: torch.Tensor|None = None,
@@ -465,7 +470,7 @@ def w8a16_matmul(x: torch.Tensor, # (..., in_features), float16 or bfloat16, con
     out = launch(_w8a16_matmul_kernel, x, N, (codes, absmax), config)
     return out if bias is None else out + bias.to(out.dtype)
 
-# %% ../nbs/09_kernels.ipynb #b55d296f
+# %% ../nbs/09_kernels.ipynb #7cb435c3
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448: E4M3's largest finite value
 
 def quantize_fp8_rows(x: torch.Tensor, # floats, (rows, columns)
@@ -502,7 +507,7 @@ def quantize_fp8_weight(weight: torch.Tensor, # float (out_features, in_features
                          f"{tuple(weight.shape)}")
     return FP8Weight(*quantize_fp8_rows(weight.detach()))
 
-# %% ../nbs/09_kernels.ipynb #6f1a79cf
+# %% ../nbs/09_kernels.ipynb #d295b2c4
 if triton is not None:
     @triton.jit
     def _token_scales_kernel(x_ptr, scales_ptr, M, K, stride_xm, QMAX: tl.constexpr,
@@ -581,7 +586,7 @@ if triton is not None:
         out = acc.to(tl.float32) * x_scale[:, None] * w_scale[None, :]
         _store_tile(out_ptr, out, rm, rn, m_in, n_in, stride_om, SPLIT_K)
 
-# %% ../nbs/09_kernels.ipynb #482886b1
+# %% ../nbs/09_kernels.ipynb #f64f18d5
 def token_scales(x: torch.Tensor, # (..., in_features), float16 or bfloat16, contiguous
                  qmax: float = 127.0, # the largest code: 127 for int8, 448 for FP8 E4M3
                 ) -> torch.Tensor:
@@ -598,7 +603,7 @@ def token_scales(x: torch.Tensor, # (..., in_features), float16 or bfloat16, con
                                                TILES=triton.cdiv(K, block_k))
     return scales
 
-# %% ../nbs/09_kernels.ipynb #0b8b6704
+# %% ../nbs/09_kernels.ipynb #ec7b1f61
 def w8a8_config(M: int, N: int, K: int, # x is (M, K), the weight (N, K)
                 processors: int|None = None, # streaming multiprocessors (None: this device's)
                ) -> dict:
