@@ -1,6 +1,8 @@
-"""4-bit decode kernels on the GPU (chapter 09): our Triton int4 group kernel (GPTQ/AWQ's layout) and NF4 kernel
+"""Quantized matmul kernels on the GPU (chapter 09): our Triton int4 group kernel (GPTQ/AWQ's layout) and NF4 kernel
 (bitsandbytes' layout, double quantization) against cuBLAS float16, torch's tinygemm int4 kernel and bitsandbytes'
-gemv_4bit, on Llama-3's six weight shapes at batch 1 and 16, with the card's ceilings for the roofline. Parts:
+gemv_4bit, on Llama-3's six weight shapes at batch 1 and 16, with the card's ceilings for the roofline; our int8
+weight-only kernel (W8A16) on the same shapes; our W8A8 kernels (int8 and FP8 E4M3, the activations quantized per
+token inside the GEMM) against cuBLAS bfloat16, torch._int_mm and torch._scaled_mm at 2048 and 4096 tokens. Parts:
 
 - `ceilings`: device-to-device copy bandwidth (1 GiB), cuBLAS float16 and bfloat16 matmul rates at 8192^3,
   `torch._int_mm` (int8) and `torch._scaled_mm` (FP8 E4M3, tensor-wise scales) at 8192^3;
@@ -9,10 +11,24 @@ gemv_4bit, on Llama-3's six weight shapes at batch 1 and 16, with the card's cei
   is recorded and not timed): cuBLAS float16 (against its own float16 weight), our int4 g128 (float16 and
   bfloat16; plain and with a random act-order column order), tinygemm (`torch._weight_int4pack_mm`, fed our
   codes: its zero is (8 - z) * s in bfloat16, so its reference is built from its own bfloat16 numbers),
-  bitsandbytes `matmul_4bit` (NF4, double quantization, its own packing), our NF4 kernel on those same bytes;
+  bitsandbytes `matmul_4bit` (NF4, double quantization, its own packing), our NF4 kernel on those same bytes,
+  our int8 W8A16 kernel (float16 and bfloat16) on chapter 03's int8 rows; then, on Llama-3-8B's three shapes at 37
+  and 2048 tokens (bfloat16 activations, 8 channels 20x louder), every `w8a8` method below against float32 products
+  of the same codes: chapter 03's `quantize_activations` codes for int8, `quantize_fp8_rows` for FP8 (`_int_mm` on
+  given codes against their exact integer product);
 - `int4`: timings of float16 F.linear, our int4 g128 (plain, act order), tinygemm; `nf4`: float16, bitsandbytes
   `matmul_4bit` (gemv_4bit at batch 1), our NF4 kernel. Both measure the copy bandwidth again and give each
   shape's bytes floor (bytes the kernel must read and write / copy bandwidth);
+- `int8`: float16 F.linear and our W8A16 kernel (chapter 03's int8 codes, a float32 absmax per row), the six shapes
+  at batch 1 and 16, with the copy bandwidth and each shape's bytes floor, timed as `int4` is;
+- `w8a8`: Llama-3-8B's 4096x4096, 14336x4096, 4096x14336 at 2048 and 4096 tokens: cuBLAS bfloat16 F.linear;
+  `torch._int_mm` alone and `torch._scaled_mm` (FP8 E4M3, row-wise float32 scales, bfloat16 out) alone, on codes
+  made beforehand; the same each with an eager per-token quantization in front (chapter 03's
+  `W8A8Linear.compute` for int8; `quantize_fp8_rows` for FP8); our fused int8 and FP8 kernels (`w8a8_matmul`: a
+  Triton pre-pass for the row scales, the quantization in the GEMM's prologue; FP8 also with FAST_ACCUM, the
+  whole sum left to the tensor cores' FP8 accumulator). Each is checked against float32
+  first, then timed by do_bench (median) and a CUDA graph of 4 calls (none for W8A8Linear, whose NaN check syncs
+  with the host); rows give microseconds, TFLOP/s and the speed-up over bfloat16;
 - `tune`: our kernels over `CANDIDATE_CONFIGS` (each checked against the reference before it is timed), best
   per shape and batch, until `--tune-seconds` run out (`--tune-kernel int4|nf4`, `--shapes` to subset).
 
@@ -34,7 +50,10 @@ bitsandbytes CUDA kernels); it writes only with --out.
 Expected on one H100 or H200, each part alone (estimates: not yet run on a GPU): ceilings ~30 s, < 6 GiB;
 correctness ~2-3 min (Triton compiles about 100 kernel variants, well under a second each for sm_90 on
 this project's CPU, kept in ~/.triton/cache for the later parts on the same machine), < 8 GiB; int4 ~2-3 min,
-< 12 GiB (up to 16 rotating copies of each weight); nf4 ~2 min, < 12 GiB; tune: about 100 s per shape and batch
+< 12 GiB (up to 16 rotating copies of each weight); nf4 ~2 min, < 12 GiB; int8 ~2-3 min, < 12 GiB (built like int4,
+plus an int8 copy of each weight); w8a8 ~1-2 min (a handful of Triton compiles, then 8 methods x 6 cases of
+30-600 us each), < 4 GiB (float32 references of outputs up to 4096 x 14336); the correctness part's W8A8 checks add
+~30 s and ~2 GiB; tune: about 100 s per shape and batch
 for the whole grid, cut at --tune-seconds (default 420) plus a minute of setup, < 8 GiB: tune two shapes a call
 (`--only tune --tune-kernel int4 --shapes 4096x4096 28672x8192`).
 
@@ -44,9 +63,10 @@ On the lent GPU machine (no network, no .git; bitsandbytes from the carried whee
     python3 bench/kernels_gpu.py --only ceilings correctness --out $OUT/kernels_a.json
     python3 bench/kernels_gpu.py --only int4 --out $OUT/kernels_b.json
     python3 bench/kernels_gpu.py --only nf4 --out $OUT/kernels_c.json
+    python3 bench/kernels_gpu.py --only int8 w8a8 --out $OUT/kernels_e.json
     python3 bench/kernels_gpu.py --only tune --tune-kernel int4 --shapes 4096x4096 28672x8192 --out $OUT/kernels_d.json
 
-then here: `python bench/kernels_gpu.py --merge A B C D --out bench/results/kernels_gpu.json`.
+then here: `python bench/kernels_gpu.py --merge A B C D E --out bench/results/kernels_gpu.json`.
 """
 from __future__ import annotations
 import argparse, json, math, os, statistics, sys, time
@@ -59,7 +79,9 @@ if '--quick' in sys.argv and not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing
 from quantcourse.gptq import GPTQWeight
 from quantcourse.kernels import (CANDIDATE_CONFIGS, int4_matmul, interpreted, nf4_matmul, pick_config,
-                                 prepare_int4, relative_error)
+                                 prepare_int4, relative_error, prepare_int8, w8a16_matmul, w8a8_matmul,
+                                 quantize_fp8_rows, quantize_fp8_weight)
+from quantcourse.outliers import W8A8Linear, quantize_activations
 from quantcourse.nf4 import Weight4bit, quantize_4bit
 from quantcourse.scales import quantize_weight
 from benchmeta import run_metadata, sync
@@ -81,7 +103,12 @@ CHECK_BATCHES = (1, 3, 16, 64)  # checked on the first two shapes (and every qui
 GROUP, BLOCKSIZE = 128, 64
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 LIBRARY_TOLERANCE = 2e-2  # reference libraries: that they compute this product, not how precisely
-PARTS = ('ceilings', 'correctness', 'int4', 'nf4', 'tune')
+W8A8_SHAPES = {s: SHAPES[s] for s in ('4096x4096', '14336x4096', '4096x14336')}   # Llama-3-8B
+QUICK_W8A8_SHAPES = {'96x256': (96, 256), '70x384': (70, 384)}
+W8A8_TOKENS, QUICK_W8A8_TOKENS = (2048, 4096), (33, 64)       # timed
+W8A8_CHECK_TOKENS, QUICK_W8A8_CHECK_TOKENS = (37, 2048), (33,)  # checked in `correctness`
+EXACT_TOLERANCE = 1e-5   # integer products of codes given beforehand, against float32 (rounding only)
+PARTS = ('ceilings', 'correctness', 'int4', 'nf4', 'int8', 'w8a8', 'tune')
 DEFAULT_OUT = Path(__file__).resolve().parent / 'results' / 'kernels_gpu.json'
 GRAPH_CALLS, GRAPH_REPLAYS, L2_FLUSH = 16, 20, 256 * 2**20  # at most 16 copies, aiming at 256 MB
 
@@ -104,6 +131,8 @@ class Layer:
         qp = GPTQWeight(quantize_weight(w[:, perm], 4, GROUP, False), perm.short())  # stored columns permuted
         self.int4_perm, self.int4_perm_ref = prepare_int4(qp), qp.dequantize(torch.float32)
         self.codes, self.zeros, self.scales = q.codes, q.zero, q.scale   # for tinygemm
+        self.int8 = prepare_int8(quantize_weight(w, 8, 'channel', True))   # chapter 03's int8 rows
+        self.int8_ref = self.int8.dequantize(torch.float32) if references else None
         if bnb is not None and device == 'cuda':
             packed, state = bnbF.quantize_4bit(self.fp16, blocksize=BLOCKSIZE, quant_type='nf4',
                                                compress_statistics=True)
@@ -133,6 +162,7 @@ class Layer:
         io = 2 * batch * (n + k)
         if method == 'fp16': return 2 * n * k + io
         if method == 'int4': return n * k // 2 + 3 * n * (k // GROUP) + io   # float16 scale + byte zero
+        if method == 'int8': return n * k + 4 * n + io   # codes + a float32 absmax per row
         if method == 'nf4':
             blocks = n * k // BLOCKSIZE
             return n * k // 2 + blocks + 4 * math.ceil(blocks / 256) + 4 + io
@@ -160,6 +190,12 @@ def methods(layer: Layer, part: str) -> dict:
                                                    reference, torch.bfloat16, LIBRARY_TOLERANCE)
             except Exception as error:  # recorded, the rest goes on
                 out['torch tinygemm int4 g128'] = f"{type(error).__name__}: {error}"[:300]
+    if part in ('correctness', 'int8'):
+        out['ours int8 w8a16'] = (lambda x: w8a16_matmul(x, layer.int8), layer.int8_ref, torch.float16,
+                                  TOLERANCE[torch.float16])
+        if part == 'correctness':
+            out['ours int8 w8a16 bf16'] = (lambda x: w8a16_matmul(x, layer.int8), layer.int8_ref,
+                                           torch.bfloat16, TOLERANCE[torch.bfloat16])
     if part in ('correctness', 'nf4'):
         if layer.bnb is not None:
             packed, state = layer.bnb
@@ -270,6 +306,20 @@ def part_correctness(shapes: dict, device: str) -> dict:
                     f"{'ok' if row['passed'] else 'FAILED ' + row.get('error', '')}")
         del layer; torch.cuda.empty_cache() if device == 'cuda' else None
         log(f"  {label}: {time.perf_counter() - t:.0f} s")
+    w8a8_shapes = QUICK_W8A8_SHAPES if device == 'cpu' else W8A8_SHAPES
+    for label, (n, k) in w8a8_shapes.items():
+        layer = W8A8Layer(n, k, device)
+        for tokens in (QUICK_W8A8_CHECK_TOKENS if device == 'cpu' else W8A8_CHECK_TOKENS):
+            x = w8a8_input(tokens, k, device)
+            for name, entry in w8a8_methods(layer, x).items():
+                if isinstance(entry, str):
+                    rows.append(dict(shape=label, method=name, error=entry)); continue
+                row = w8a8_check(*entry)
+                rows.append(dict(shape=label, batch=tokens, method=name, dtype='bfloat16', **row))
+                log(f"  {label} tokens {tokens:>4} {name:<40} {row.get('relative_error', float('nan')):.2e} "
+                    f"{'ok' if row['passed'] else 'FAILED ' + row.get('error', '')}")
+        del layer
+        if device == 'cuda': torch.cuda.empty_cache()
     return dict(checks=rows, all_passed=all(r['passed'] for r in rows if 'batch' in r),
                 unavailable=[r for r in rows if 'batch' not in r])
 
@@ -278,7 +328,8 @@ def part_timing(part: str, shapes: dict, device: str = 'cuda') -> dict:
     copy = copy_gb_per_s(2**30 if device == 'cuda' else 2**24, device)
     rows = []
     for label, (n, k) in shapes.items():
-        layers = [Layer(n, k, device, seed, references=seed == 0) for seed in range(rotating_copies(n * k // 2))]
+        weight_bytes = n * k if part == 'int8' else n * k // 2
+        layers = [Layer(n, k, device, seed, references=seed == 0) for seed in range(rotating_copies(weight_bytes))]
         fp16_copies = rotating_copies(2 * n * k)
         for batch in BATCHES:
             x16 = torch.randn(batch, k, device=device).half()
@@ -294,7 +345,7 @@ def part_timing(part: str, shapes: dict, device: str = 'cuda') -> dict:
                 calls = [(lambda f=methods(l, part)[name][0]: f(x)) for l in used]
                 us = do_bench_us(lambda: fn(x), device)
                 us_graph = graph_us(lambda: calls) if device == 'cuda' else None
-                kind = 'fp16' if name.startswith('cuBLAS') else ('nf4' if 'nf4' in name else 'int4')
+                kind = 'fp16' if name.startswith('cuBLAS') else next(k for k in ('nf4', 'int8', 'int4') if k in name)
                 floor_us = layers[0].bytes_floor(batch, kind) / (copy * 1e3)
                 rows.append(dict(shape=label, batch=batch, method=name, us=us, us_graph=us_graph,
                                  bytes_floor_us=floor_us, gb_per_s=layers[0].bytes_floor(batch, kind) / us / 1e3,
@@ -308,7 +359,7 @@ def part_timing(part: str, shapes: dict, device: str = 'cuda') -> dict:
         base = fp16.get((r['shape'], r['batch']))
         if 'us' in r and base: r['speedup_vs_fp16'] = base / (r.get('us_graph') or r['us'])
     for label, (n, k) in shapes.items():   # the bytes floors themselves, as rows of the table
-        layer_bytes = dict(fp16=2 * n * k, int4=n * k // 2 + 3 * n * (k // GROUP),
+        layer_bytes = dict(fp16=2 * n * k, int4=n * k // 2 + 3 * n * (k // GROUP), int8=n * k + 4 * n,
                            nf4=n * k // 2 + n * k // BLOCKSIZE + 4 * math.ceil(n * k / BLOCKSIZE / 256))
         for batch in BATCHES:
             for kind, nbytes in layer_bytes.items():
@@ -317,6 +368,104 @@ def part_timing(part: str, shapes: dict, device: str = 'cuda') -> dict:
                                      us=(nbytes + 2 * batch * (n + k)) / (copy * 1e3)))
     return dict(copy_gb_per_s=copy, timings=rows, bitsandbytes=getattr(bnb, '__version__', None),
                 gemlite=getattr(gemlite, '__version__', None), gemlite_timed=False)
+
+
+# ---------------------------------------------------------------- W8A8: many tokens
+class W8A8Layer:
+    "One random weight as bfloat16, chapter 03's W8A8Linear, our int8 rows (its codes) and FP8 E4M3 rows."
+    def __init__(self, n: int, k: int, device: str, seed: int = 0):
+        g = torch.Generator(device=device).manual_seed(seed)
+        w = torch.randn(n, k, generator=g, device=device) * 0.02
+        self.n, self.k = n, k
+        self.bf16 = w.bfloat16()
+        linear = torch.nn.Linear(k, n, bias=False, device=device)
+        with torch.no_grad(): linear.weight.copy_(w)
+        self.eager = W8A8Linear.from_linear(linear)
+        self.int8 = prepare_int8(self.eager)            # the same codes, read by our kernel
+        self.fp8 = quantize_fp8_weight(w)
+
+
+def w8a8_input(tokens: int, k: int, device: str, seed: int = 1) -> torch.Tensor:
+    "Random bfloat16 activations, a few channels 20x louder (as chapter 03 found in real models)."
+    x = torch.randn(tokens, k, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+    x[:, :8] *= 20
+    return x.bfloat16()
+
+
+def w8a8_methods(layer: W8A8Layer, x: torch.Tensor) -> dict:
+    "name -> (fn() -> output, float32 reference, tolerance), or an error string if it cannot be set up."
+    bf16 = TOLERANCE[torch.bfloat16]
+    int8_codes, int8_scale = quantize_activations(x, 'token')
+    fp8_codes, fp8_scale = quantize_fp8_rows(x)
+    w8, w_fp8 = layer.int8, layer.fp8
+    int_product = int8_codes.float() @ w8.codes.float().T     # exact integers up to rounding in float32
+    fp8_product = fp8_codes.float() @ w_fp8.codes.float().T
+    int8_ref = int_product * int8_scale * (w8.absmax / 127)
+    fp8_ref = fp8_product * fp8_scale[:, None] * w_fp8.scale
+    out = {'cuBLAS bf16 F.linear': (lambda: F.linear(x, layer.bf16), x.float() @ layer.bf16.float().T, bf16)}
+    scaled_mm = lambda codes, scale: torch._scaled_mm(codes, w_fp8.codes.t(), scale_a=scale[:, None],
+                                                      scale_b=w_fp8.scale[None, :], out_dtype=torch.bfloat16)
+    candidates = {
+        'torch._int_mm alone (codes given)': (lambda: torch._int_mm(int8_codes, w8.codes.t()), int_product,
+                                              EXACT_TOLERANCE),
+        'torch._scaled_mm fp8 rowwise alone (codes given)': (lambda: scaled_mm(fp8_codes, fp8_scale), fp8_ref, bf16),
+        'eager int8: W8A8Linear (quantize + _int_mm + scales)': (lambda: layer.eager.compute(x), int8_ref, bf16),
+        'eager fp8: quantize_fp8_rows + _scaled_mm': (lambda: scaled_mm(*quantize_fp8_rows(x)), fp8_ref, bf16),
+        'ours fused int8': (lambda: w8a8_matmul(x, w8), int8_ref, bf16),
+        'ours fused fp8': (lambda: w8a8_matmul(x, w_fp8), fp8_ref, bf16),
+        'ours fused fp8 fast-accum': (lambda: w8a8_matmul(x, w_fp8, config=dict(FAST_ACCUM=True)), fp8_ref, bf16)}
+    for name, entry in candidates.items():
+        try:
+            entry[0]()                 # can it run here at all (CPU builds lack some of these)?
+            out[name] = entry
+        except Exception as error: out[name] = f"{type(error).__name__}: {error}"[:300]
+    return out
+
+
+def w8a8_check(fn, reference, tolerance) -> dict:
+    "Relative error of fn() against its float32 reference."
+    try: output = fn()
+    except Exception as error: return dict(passed=False, error=f"{type(error).__name__}: {error}"[:300])
+    error = relative_error(output.float(), reference)
+    return dict(relative_error=error, tolerance=tolerance, passed=bool(error < tolerance),
+                finite=bool(torch.isfinite(output).all()))
+
+
+NO_GRAPH = ('eager int8',)   # W8A8Linear checks its input for NaN (a host sync), which a CUDA graph cannot hold
+
+
+def part_w8a8(shapes: dict, tokens_list: tuple, device: str = 'cuda') -> dict:
+    rows = []
+    for label, (n, k) in shapes.items():
+        layer = W8A8Layer(n, k, device)
+        for tokens in tokens_list:
+            x = w8a8_input(tokens, k, device)
+            flops = 2 * tokens * n * k
+            for name, entry in w8a8_methods(layer, x).items():
+                if isinstance(entry, str):
+                    rows.append(dict(shape=label, tokens=tokens, method=name, error=entry))
+                    log(f"  {label} tokens {tokens} {name}: unavailable ({entry[:80]})"); continue
+                fn, reference, tolerance = entry
+                checked = w8a8_check(fn, reference, tolerance)
+                del reference
+                if not checked['passed']:
+                    rows.append(dict(shape=label, tokens=tokens, method=name, not_timed='failed the check', **checked))
+                    log(f"  {label} tokens {tokens} {name}: FAILED the check, not timed"); continue
+                us = do_bench_us(fn, device)
+                graphed = device == 'cuda' and not name.startswith(NO_GRAPH)
+                us_graph = graph_us(lambda: [fn] * 4) if graphed else None
+                rows.append(dict(shape=label, tokens=tokens, method=name, us=us, us_graph=us_graph,
+                                 tflops=flops / us / 1e6, tflops_graph=us_graph and flops / us_graph / 1e6,
+                                 relative_error=checked['relative_error']))
+                log(f"  {label} tokens {tokens} {name:<50} {us:9.1f} us (graph {us_graph or float('nan'):9.1f}) "
+                    f"{flops / us / 1e6:7.1f} TFLOP/s")
+        del layer
+        if device == 'cuda': torch.cuda.empty_cache()
+    base = {(r['shape'], r['tokens']): r['us'] for r in rows if r['method'].startswith('cuBLAS') and 'us' in r}
+    for r in rows:
+        if 'us' in r and (r['shape'], r['tokens']) in base:
+            r['speedup_vs_bf16'] = base[(r['shape'], r['tokens'])] / r['us']
+    return dict(timings=rows, tokens=list(tokens_list), shapes=list(shapes))
 
 
 def part_tune(shapes: dict, kernel: str, seconds: float, device: str = 'cuda') -> dict:
@@ -364,8 +513,8 @@ def write(out: Path, parts: dict, device: str|None):
     data = json.loads(out.read_text()) if out.exists() else dict(benchmark='kernels_gpu', parts={})
     if device is not None: data.update(run_metadata(device))
     data['parts'].update(parts)
-    data['timings'] = [r for name in ('int4', 'nf4') for r in data['parts'].get(name, {}).get('timings', [])]
-    copies = [data['parts'][p]['copy_gb_per_s'] for p in ('ceilings', 'int4', 'nf4') if p in data['parts']]
+    data['timings'] = [r for name in ('int4', 'nf4', 'int8') for r in data['parts'].get(name, {}).get('timings', [])]
+    copies = [data['parts'][p]['copy_gb_per_s'] for p in ('ceilings', 'int4', 'nf4', 'int8') if p in data['parts']]
     if copies: data['copy_gb_per_s'] = max(copies)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1) + '\n')
@@ -374,7 +523,7 @@ def write(out: Path, parts: dict, device: str|None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--only', nargs='+', choices=PARTS, default=['ceilings', 'correctness', 'int4', 'nf4'],
+    parser.add_argument('--only', nargs='+', choices=PARTS, default=['ceilings', 'correctness', 'int4', 'nf4', 'int8', 'w8a8'],
                         help='the parts to run (default: all but tune)')
     parser.add_argument('--out', type=Path, default=None, help=f'JSON to write (default on a GPU: {DEFAULT_OUT})')
     parser.add_argument('--quick', action='store_true', help='tiny shapes; without CUDA: correctness in the interpreter')
@@ -409,10 +558,15 @@ def main(argv=None):
         log(f"part {part}")
         if part == 'ceilings': parts[part] = part_ceilings(args.quick)
         elif part == 'correctness': parts[part] = part_correctness(shapes, device)
-        elif part in ('int4', 'nf4'): parts[part] = part_timing(part, shapes, device)
+        elif part in ('int4', 'nf4', 'int8'): parts[part] = part_timing(part, shapes, device)
+        elif part == 'w8a8':
+            w8a8_shapes = QUICK_W8A8_SHAPES if args.quick else W8A8_SHAPES
+            if args.shapes: w8a8_shapes = {s: w8a8_shapes[s] for s in args.shapes if s in w8a8_shapes}
+            parts[part] = part_w8a8(w8a8_shapes, QUICK_W8A8_TOKENS if args.quick else W8A8_TOKENS, device)
         else: parts[part] = part_tune(shapes, args.tune_kernel,
                                       min(args.tune_seconds, 15) if args.quick else args.tune_seconds, device)
-        parts[part].update(seconds=time.perf_counter() - t, quick=args.quick, shapes=list(shapes))
+        parts[part].update(seconds=time.perf_counter() - t, quick=args.quick,
+                           shapes=parts[part].get('shapes', list(shapes)))
         if device == 'cuda': parts[part]['peak_gib'] = torch.cuda.max_memory_allocated() / 2**30
         log(f"part {part}: {parts[part]['seconds']:.0f} s")
     out = args.out or (DEFAULT_OUT if device == 'cuda' else None)

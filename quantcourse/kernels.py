@@ -1,5 +1,6 @@
 """Why decoding one token at a time is bound by memory, what that promises 4-bit weights, and Triton
-kernels that multiply by int4 groups and NF4 without writing the float weight to memory.
+kernels that multiply by int4 groups and NF4 without writing the float weight to memory; 8-bit
+weights, and W8A8 with the activations quantized inside the GEMM.
 
 Docs: https://quantcourse.github.io/quantcourse/kernels.html.md"""
 
@@ -13,12 +14,16 @@ import torch
 from .scales import QuantizedWeight, QuantLinear, pack
 from .gptq import GPTQWeight
 from .nf4 import Weight4bit, code_book, dynamic_code, NESTED_BLOCKSIZE
+from .core import check_tensor
+from .outliers import RowwiseInt8Weight, W8A8Linear
 
 # %% auto #0
-__all__ = ['SM_COUNT', 'CANDIDATE_CONFIGS', 'ACTIVATION_DTYPES', 'matmul_traffic',
+__all__ = ['SM_COUNT', 'CANDIDATE_CONFIGS', 'ACTIVATION_DTYPES', 'FP8_MAX', 'matmul_traffic',
           'arithmetic_intensity', 'attainable_flops', 'ridge_point', 'Int4Weight', 'prepare_int4',
           'interpreted', 'next_power_of_2', 'sm_count', 'pick_config', 'check_kernel_input',
-          'launch', 'full_config', 'int4_matmul', 'relative_error', 'nf4_matmul']
+          'launch', 'full_config', 'int4_matmul', 'relative_error', 'nf4_matmul', 'prepare_int8',
+          'row_scaled_parts', 'w8a16_matmul', 'quantize_fp8_rows', 'FP8Weight',
+          'quantize_fp8_weight', 'token_scales', 'w8a8_config', 'w8a8_matmul']
 
 # %% ../nbs/09_kernels.ipynb #c4efb42b
 def matmul_traffic(batch: int, out_features: int, in_features: int,
@@ -380,4 +385,257 @@ def nf4_matmul(x: torch.Tensor, # (..., in_features), float16 or bfloat16, conti
                  code_book(weight.quant_type, device), dynamic_code(device)), config,
                  blocksize=size, DOUBLE_QUANT=weight.double_quant, NESTED=NESTED_BLOCKSIZE,
                  TILE_SCALES=K % size == 0 and size % config['BLOCK_K'] == 0)
+    return out if bias is None else out + bias.to(out.dtype)
+
+# %% ../nbs/09_kernels.ipynb #b86beab7
+def prepare_int8(weight: RowwiseInt8Weight|QuantizedWeight|W8A8Linear, # int8 codes, a scale per row
+                ) -> RowwiseInt8Weight:
+    "Chapter 03's int8 weights (a layer, codes + scales or codes + absmax) as `RowwiseInt8Weight`."
+    if isinstance(weight, W8A8Linear): weight = weight.weight()
+    if isinstance(weight, RowwiseInt8Weight): return weight
+    if not isinstance(weight, QuantizedWeight):
+        raise TypeError("weight must be a RowwiseInt8Weight, QuantizedWeight or W8A8Linear, got "
+                        f"{type(weight).__name__}")
+    if weight.bits != 8 or weight.group_size != 'channel' or not weight.symmetric:
+        raise ValueError("the int8 kernels take symmetric 8-bit codes with one scale per row "
+                         f"(bits=8, group_size='channel'), got bits={weight.bits}, group_size="
+                         f"{weight.group_size!r}, symmetric={weight.symmetric}")
+    return RowwiseInt8Weight(weight.codes.contiguous(), weight.scale.float().view(-1) * 127)
+
+# %% ../nbs/09_kernels.ipynb #77420288
+def row_scaled_parts(weight, # a RowwiseInt8Weight, or an FP8Weight (further down)
+                    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    "Codes, per-row factor and its divisor (127 for an absmax) of a weight the 8-bit kernels read."
+    if isinstance(weight, RowwiseInt8Weight): parts = weight.codes, weight.absmax, 'absmax', 127.0
+    elif isinstance(weight, FP8Weight): parts = weight.codes, weight.scale, 'scale', 1.0
+    else: raise TypeError("weight must be a RowwiseInt8Weight (from prepare_int8) or an FP8Weight "
+                          f"(from quantize_fp8_weight), got {type(weight).__name__}")
+    codes, factor, name, divisor = parts
+    dtype = torch.int8 if divisor == 127.0 else torch.float8_e4m3fn
+    if not isinstance(codes, torch.Tensor) or codes.dtype != dtype or codes.ndim != 2:
+        raise TypeError(f"weight.codes must be a 2-D {dtype} tensor, got "
+                        f"{getattr(codes, 'dtype', type(codes).__name__)} of shape "
+                        f"{tuple(getattr(codes, 'shape', ()))}")
+    if factor.dtype != torch.float32 or tuple(factor.shape) != codes.shape[:1]:
+        raise TypeError(f"weight.{name} must be float32 of shape ({codes.shape[0]},), got "
+                        f"{factor.dtype} {tuple(factor.shape)}; use .float().view(-1)")
+    if not codes.is_contiguous():
+        raise ValueError("weight.codes must be contiguous; pass weight.codes.contiguous()")
+    if factor.device != codes.device:
+        raise ValueError(f"weight.{name} is on {factor.device}, weight.codes on {codes.device}; "
+                         "move the weight with .to(device)")
+    return codes, factor, divisor
+
+# %% ../nbs/09_kernels.ipynb #3add7ae2
+if triton is not None:
+    @triton.jit
+    def _w8a16_matmul_kernel(x_ptr, codes_ptr, absmax_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+                             USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, TILES: tl.constexpr):
+        "out[m, n] = absmax[n] / 127 * sum_k x[m, k] * code[n, k]: codes made floats in registers."
+        rm, rn, m_in, n_in = _tile(M, N, BLOCK_M, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for i in range(TILES):  # this split's tiles of K; past the end of K all is masked
+            rk = (tl.program_id(1) * TILES + i) * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_in = rk < K
+            x = _load_x(x_ptr, rm, m_in, rk, k_in, stride_xm)
+            codes = tl.load(codes_ptr + rn[:, None] * K + rk[None, :],
+                            mask=n_in[:, None] & k_in[None, :], other=0)
+            if USE_DOT and x.dtype == tl.bfloat16:  # 128 + 255 needs more bits than bfloat16 has
+                acc += _product(x, codes, USE_DOT, DOT_FP32)
+            else:  # code + 128 as a byte, made a float by `_codes_to`; 128 * sum(x) comes off
+                shifted = (codes ^ -128).to(tl.uint8, bitcast=True)
+                acc += (_product(x, shifted, USE_DOT, DOT_FP32)
+                        - 128.0 * tl.sum(x.to(tl.float32), 1)[:, None])
+        scale = tl.load(absmax_ptr + rn, mask=n_in, other=0.0) / 127.0
+        _store_tile(out_ptr, acc * scale[None, :], rm, rn, m_in, n_in, stride_om, SPLIT_K)
+
+# %% ../nbs/09_kernels.ipynb #efa53255
+def w8a16_matmul(x: torch.Tensor, # (..., in_features), float16 or bfloat16, contiguous
+                 weight: RowwiseInt8Weight, # from `prepare_int8`
+                 bias: torch.Tensor|None = None,
+                 config: dict|None = None, # tiles etc., see `pick_config` (None: its choice)
+                ) -> torch.Tensor:
+    "`x @ W.T (+ bias)` for int8 weights with a scale per row: weight-only, summed in float32."
+    if not isinstance(weight, RowwiseInt8Weight):
+        raise TypeError("weight must be a RowwiseInt8Weight (from prepare_int8), got "
+                        f"{type(weight).__name__}")
+    codes, absmax, _ = row_scaled_parts(weight)
+    (N, K), device = codes.shape, codes.device
+    check_kernel_input(x, K, device)
+    if triton is None:
+        raise RuntimeError("triton is not installed; use F.linear(x, weight.dequantize(x.dtype))")
+    config = full_config(config, x.numel() // K, N, K, 128)  # one scale per row: any BLOCK_K
+    out = launch(_w8a16_matmul_kernel, x, N, (codes, absmax), config)
+    return out if bias is None else out + bias.to(out.dtype)
+
+# %% ../nbs/09_kernels.ipynb #7cb435c3
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448: E4M3's largest finite value
+
+def quantize_fp8_rows(x: torch.Tensor, # floats, (rows, columns)
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    "FP8 E4M3 codes of each row scaled so its largest |x| lands on 448, and the float32 scales."
+    rows = x.float()
+    scale = rows.abs().amax(-1) / FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: codes 0
+    return (rows * (1 / scale)[:, None]).to(torch.float8_e4m3fn), scale
+
+@dataclass(eq=False)
+class FP8Weight:
+    "FP8 E4M3 weight codes with one float32 scale per output row (built by `quantize_fp8_weight`)."
+    codes: torch.Tensor  # float8_e4m3fn, (out_features, in_features)
+    scale: torch.Tensor  # float32, (out_features,)
+
+    @property
+    def shape(self) -> tuple: return tuple(self.codes.shape)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        "The weight the codes stand for: code x scale, in float32, then `dtype`."
+        return (self.codes.float() * self.scale[:, None]).to(dtype)
+
+    def to(self, device) -> FP8Weight:
+        "The same weight on `device`."
+        return FP8Weight(self.codes.to(device), self.scale.to(device))
+
+def quantize_fp8_weight(weight: torch.Tensor, # float (out_features, in_features)
+                       ) -> FP8Weight:
+    "Round a weight to FP8 E4M3 with one scale per output row (absmax to 448)."
+    check_tensor(weight, 'weight')
+    if weight.ndim != 2:
+        raise ValueError("weight must be 2-D (out_features, in_features), got shape "
+                         f"{tuple(weight.shape)}")
+    return FP8Weight(*quantize_fp8_rows(weight.detach()))
+
+# %% ../nbs/09_kernels.ipynb #d295b2c4
+if triton is not None:
+    @triton.jit
+    def _token_scales_kernel(x_ptr, scales_ptr, M, K, stride_xm, QMAX: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr):
+        "scale[m] = max_k |x[m, k]| / QMAX (1 for an all-zero row, inf if the row holds NaN/inf)."
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_in = rm < M
+        top = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for t in range(TILES):
+            rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
+            x = _load_x(x_ptr, rm, m_in, rk, rk < K, stride_xm).to(tl.float32)
+            top = tl.maximum(top, tl.max(tl.where(x == x, tl.abs(x), float('inf')), 1))
+        scale = top / QMAX
+        tl.store(scales_ptr + rm, tl.where(scale > 0, scale, 1.0), mask=m_in)
+
+    @triton.jit
+    def _round_half_even(v):
+        "v (float32, |v| < 2^22) rounded to an integer, ties to even: adding 1.5 x 2^23 does it."
+        return (v + 12582912.0) - 12582912.0
+
+    @triton.jit
+    def _round_to_e4m3(v):
+        "v (float32, |v| <= 448) rounded to E4M3's grid: 3 mantissa bits, steps of 2^-9 below 2^-6."
+        exponent = (v.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        step = (tl.maximum(exponent - 3, 127 - 9) << 23).to(tl.float32, bitcast=True)
+        return _round_half_even(v / step) * step
+
+    @triton.jit
+    def _quantize_tile(x, inverse, FP8: tl.constexpr, ROUND_FP8: tl.constexpr):
+        "A float tile times each row's 1/scale, as int8 codes (clamped to [-128, 127]) or E4M3."
+        v = x.to(tl.float32) * inverse[:, None]
+        if FP8:
+            if ROUND_FP8: v = _round_to_e4m3(v)  # see `w8a8_matmul`
+            q = tl.minimum(tl.maximum(v, -448.0), 448.0).to(tl.float8e4nv)
+        else: q = tl.minimum(tl.maximum(_round_half_even(v), -128.0), 127.0).to(tl.int8)
+        return q
+
+    @triton.jit
+    def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        "Like `_tile`, but GROUP_M row tiles walk the output tiles together (weights stay in L2)."
+        tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        pid = tl.program_id(2) * tiles_n + tl.program_id(0)
+        first_m = (pid // (GROUP_M * tiles_n)) * GROUP_M
+        rows = tl.minimum(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * tiles_n)) % rows
+        pid_n = (pid % (GROUP_M * tiles_n)) // rows
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        return rm, rn, rm < M, rn < N
+
+    @triton.jit
+    def _w8a8_matmul_kernel(x_ptr, x_scales_ptr, codes_ptr, w_factor_ptr, out_ptr,
+                            M, N, K, stride_xm, stride_om, W_DIVISOR: tl.constexpr,
+                            FP8: tl.constexpr, ROUND_FP8: tl.constexpr, FAST_ACCUM: tl.constexpr,
+                            GROUP_M: tl.constexpr,
+                            USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,  # (launch's; unused)
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            SPLIT_K: tl.constexpr, TILES: tl.constexpr):
+        "out[m, n] = xs[m] ws[n] sum_k q(x[m, k] / xs[m]) code[n, k]: x quantized as it is loaded."
+        rm, rn, m_in, n_in = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        x_scale = tl.load(x_scales_ptr + rm, mask=m_in, other=1.0)
+        inverse = 1.0 / x_scale
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if FP8 else tl.int32)
+        for i in range(TILES):  # this split's tiles of K; past the end of K all is masked
+            rk = (tl.program_id(1) * TILES + i) * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_in = rk < K
+            x = _load_x(x_ptr, rm, m_in, rk, k_in, stride_xm)
+            codes = tl.load(codes_ptr + rn[:, None] * K + rk[None, :],
+                            mask=n_in[:, None] & k_in[None, :], other=0.0 if FP8 else 0)
+            q = _quantize_tile(x, inverse, FP8, ROUND_FP8)
+            if not FP8: acc = tl.dot(q, tl.trans(codes), acc, out_dtype=tl.int32)
+            elif FAST_ACCUM: acc = tl.dot(q, tl.trans(codes), acc)  # the tensor cores' own sum
+            else:  # each step's sum added to acc in float32 (Hopper's FP8 sum is less precise)
+                acc = tl.dot(q, tl.trans(codes), acc, max_num_imprecise_acc=BLOCK_K)
+        w_scale = tl.load(w_factor_ptr + rn, mask=n_in, other=0.0) / W_DIVISOR
+        out = acc.to(tl.float32) * x_scale[:, None] * w_scale[None, :]
+        _store_tile(out_ptr, out, rm, rn, m_in, n_in, stride_om, SPLIT_K)
+
+# %% ../nbs/09_kernels.ipynb #f64f18d5
+def token_scales(x: torch.Tensor, # (..., in_features), float16 or bfloat16, contiguous
+                 qmax: float = 127.0, # the largest code: 127 for int8, 448 for FP8 E4M3
+                ) -> torch.Tensor:
+    "Each row's symmetric scale max|x| / qmax as float32 (rows,), one read of x in a Triton pass."
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    check_kernel_input(x, x.shape[-1] if x.ndim else -1, x.device)
+    if triton is None: raise RuntimeError("triton is not installed")
+    x2 = x.reshape(-1, x.shape[-1])
+    (M, K), block_k = x2.shape, min(1024, next_power_of_2(x2.shape[1]))
+    scales = torch.empty(M, dtype=torch.float32, device=x.device)
+    _token_scales_kernel[(triton.cdiv(M, 4),)](x2, scales, M, K, x2.stride(0), QMAX=float(qmax),
+                                               BLOCK_M=4, BLOCK_K=block_k,
+                                               TILES=triton.cdiv(K, block_k))
+    return scales
+
+# %% ../nbs/09_kernels.ipynb #ec7b1f61
+def w8a8_config(M: int, N: int, K: int, # x is (M, K), the weight (N, K)
+                processors: int|None = None, # streaming multiprocessors (None: this device's)
+               ) -> dict:
+    "Tiles for the W8A8 kernels: up to 128 x 128 outputs, 128 columns of K a step; split-K if few."
+    block_m, block_n = min(128, max(16, next_power_of_2(M))), min(128, max(32, next_power_of_2(N)))
+    programs, k_tiles, split_k = -(-N // block_n) * -(-M // block_m), -(-K // 128), 1
+    while programs * split_k < (processors or sm_count()) and 2 * split_k <= min(16, k_tiles):
+        split_k *= 2
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split_k, USE_DOT=True,
+                num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3,
+                FAST_ACCUM=False)  # FP8: True leaves the whole sum to the tensor cores' accumulator
+
+def w8a8_matmul(x: torch.Tensor, # (..., in_features), float16 or bfloat16, contiguous
+                weight: RowwiseInt8Weight|FP8Weight, # int8 (prepare_int8) or FP8 E4M3 codes
+                bias: torch.Tensor|None = None,
+                config: dict|None = None, # tiles etc., see `w8a8_config` (None: its choice)
+               ) -> torch.Tensor:
+    "`x @ W.T (+ bias)` with x quantized per token inside the GEMM: int8 or FP8 tensor cores."
+    codes, factor, divisor = row_scaled_parts(weight)
+    (N, K), device, fp8 = codes.shape, codes.device, isinstance(weight, FP8Weight)
+    check_kernel_input(x, K, device)
+    if triton is None:
+        raise RuntimeError("triton is not installed; use F.linear(x, weight.dequantize(x.dtype))")
+    if x.numel() >= 2**31 or x.numel() // K * N >= 2**31:
+        raise ValueError(f"x of shape {tuple(x.shape)} and {N} outputs need 64-bit offsets, which "
+                         "these kernels do not use; pass fewer tokens a call")
+    if fp8 and device.type == 'cuda' and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError("FP8 tensor cores need compute capability 8.9 or later (Ada, Hopper); "
+                         "use an int8 weight (prepare_int8) on this card")
+    M = x.numel() // K
+    config = w8a8_config(M, N, K) | (config or {})
+    scales = token_scales(x, FP8_MAX if fp8 else 127.0)
+    out = launch(_w8a8_matmul_kernel, x, N, (scales, codes, factor), config, W_DIVISOR=divisor,
+                 FP8=fp8, ROUND_FP8=fp8 and interpreted(), GROUP_M=8)
     return out if bias is None else out + bias.to(out.dtype)

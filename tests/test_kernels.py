@@ -1,6 +1,8 @@
-"""Tests for quantcourse.kernels: the int4 and NF4 Triton kernels against float32 dequantize-then-matmul on the same
-codes (in Triton's CPU interpreter when there is no GPU, in a subprocess with TRITON_INTERPRET=1), the prepared
-int4 layout, and bad input (checked before any launch, so those tests need no Triton)."""
+"""Tests for quantcourse.kernels: the int4, NF4 and int8 weight-only (W8A16) Triton kernels against float32
+dequantize-then-matmul on the same codes, the fused W8A8 kernels (int8, FP8 E4M3) against the same per-token
+quantization done in torch (in Triton's CPU interpreter when there is no GPU, in a subprocess with
+TRITON_INTERPRET=1), the prepared layouts, compilation for sm_90, and bad input (checked before any launch, so
+those tests need no Triton)."""
 import importlib.util, json, os, subprocess, sys
 import pytest, torch
 from quantcourse.gptq import GPTQLinear, GPTQWeight
@@ -81,15 +83,20 @@ print(json.dumps(errors))
 '''
 
 
-@pytest.fixture(scope='module')
-def kernel_errors():
-    "Relative errors of every case, computed in one subprocess (the interpreter on a CPU)."
+def run_kernels(script: str, *cases) -> dict:
+    "The JSON that `script` prints, run with `cases` in a subprocess (the interpreter on a CPU)."
     if not HAS_TRITON: pytest.skip('triton is not installed')
     env = os.environ if CUDA else os.environ | {'TRITON_INTERPRET': '1'}
-    run = subprocess.run([sys.executable, '-c', SCRIPT, json.dumps(INT4_CASES), json.dumps(NF4_CASES)],
+    run = subprocess.run([sys.executable, '-c', script, *map(json.dumps, cases)],
                          capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-5000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope='module')
+def kernel_errors():
+    "Relative errors of every case, computed in one subprocess (the interpreter on a CPU)."
+    return run_kernels(SCRIPT, INT4_CASES, NF4_CASES)
 
 
 @pytest.mark.parametrize('case', INT4_CASES, ids=[c[0] for c in INT4_CASES])
@@ -265,3 +272,243 @@ def test_kernels_compile_for_hopper():
     assert len(report) == 16
     for name, r in report.items():   # name: kernel dtype flag tile-scales use-dot split
         assert (r['mma'] > 0) == (name.split()[4] == 'True'), (name, r)
+
+
+# ---------------------------------------------------------------- 8-bit kernels: W8A16, W8A8 (int8 and FP8)
+# (label, out_features, in_features, batch, dtype, config)
+W8A16_CASES = [
+    ('batch 1', 64, 256, 1, 'float16', None),
+    ('ragged batch 3 bf16', 70, 200, 3, 'bfloat16', None),
+    ('batch 16', 33, 96, 16, 'float16', None),
+    ('split-K uneven', 48, 384, 5, 'float16', {'BLOCK_K': 64, 'SPLIT_K': 3}),
+    ('batch 64 bf16', 40, 128, 64, 'bfloat16', None),
+    ('batch 1 split-K 4', 64, 1024, 1, 'bfloat16', {'SPLIT_K': 4}),
+]
+# (label, kind, out_features, in_features, tokens, dtype, config, exact): exact: equal to the reference rounded
+# (float16 only: Triton 3.6's interpreter truncates float32 to bfloat16 instead of rounding)
+W8A8_CASES = [
+    ('int8 batch 16', 'int8', 64, 256, 16, 'float16', {'SPLIT_K': 1}, True),
+    ('int8 ragged', 'int8', 70, 200, 37, 'float16', {'SPLIT_K': 1}, True),
+    ('int8 ragged bf16', 'int8', 70, 200, 37, 'bfloat16', {'SPLIT_K': 1}, False),
+    ('int8 ragged, split-K by default', 'int8', 70, 200, 37, 'float16', None, False),
+    ('int8 batch 1', 'int8', 33, 96, 1, 'float16', {'SPLIT_K': 1}, True),
+    ('int8 split-K', 'int8', 48, 384, 5, 'float16', {'BLOCK_K': 64, 'SPLIT_K': 3}, False),
+    ('int8 two row tiles, grouped', 'int8', 96, 160, 70, 'float16', {'BLOCK_M': 16, 'BLOCK_N': 32, 'SPLIT_K': 1}, True),
+    ('fp8 batch 16', 'fp8', 64, 256, 16, 'float16', None, False),
+    ('fp8 fast accumulation', 'fp8', 64, 256, 16, 'float16', {'FAST_ACCUM': True}, False),
+    ('fp8 ragged bf16', 'fp8', 70, 200, 37, 'bfloat16', None, False),
+    ('fp8 batch 1 split-K', 'fp8', 48, 384, 1, 'float16', {'BLOCK_K': 64, 'SPLIT_K': 3}, False),
+    ('fp8 two row tiles, grouped', 'fp8', 96, 160, 70, 'bfloat16', {'BLOCK_M': 16, 'BLOCK_N': 32}, False),
+]
+
+EIGHT_BIT_SCRIPT = r'''
+import dataclasses, json, sys, torch
+import triton, triton.language as tl
+import quantcourse.kernels as K
+from quantcourse.kernels import (FP8Weight, prepare_int8, quantize_fp8_rows, quantize_fp8_weight, relative_error,
+                                 token_scales, w8a16_matmul, w8a8_matmul, interpreted)
+from quantcourse.outliers import RowwiseInt8Weight, quantize_activations
+from quantcourse.scales import quantize_weight
+w8a16_cases, w8a8_cases = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+assert device == 'cuda' or interpreted()
+move = lambda w: dataclasses.replace(w, **{k: v.to(device) for k, v in vars(w).items()})
+report = {}
+for label, n, k, batch, dtype, config in w8a16_cases:
+    g = torch.Generator().manual_seed(0)
+    w = prepare_int8(quantize_weight(torch.randn(n, k, generator=g), 8, 'channel', True))
+    x = torch.randn(batch, k, generator=g).to(getattr(torch, dtype))
+    bias = torch.randn(n, generator=g)
+    out = w8a16_matmul(x.to(device), move(w), bias.to(device), config=config).cpu()
+    assert out.dtype == x.dtype and out.shape == (batch, n)
+    report['w8a16 ' + label] = relative_error(out, x.float() @ w.dequantize().T + bias)
+for label, kind, n, k, tokens, dtype, config, exact in w8a8_cases:
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(n, k, generator=g)
+    x = (torch.randn(2, tokens, k, generator=g) * 3).to(getattr(torch, dtype))   # (..., in_features) inputs too
+    x[0, 0] = 0   # an all-zero token
+    rows = x.reshape(-1, k)
+    if kind == 'int8':
+        weight = prepare_int8(quantize_weight(w, 8, 'channel', True))
+        codes, scale = quantize_activations(rows, 'token')
+        reference = (codes.double() @ weight.codes.double().T).float() * scale * (weight.absmax / 127)
+    else:
+        weight = quantize_fp8_weight(w)
+        codes, scale = quantize_fp8_rows(rows)
+        reference = (codes.float() @ weight.codes.float().T) * scale[:, None] * weight.scale
+    reference = reference.to(x.dtype).view(2, tokens, n)
+    out = w8a8_matmul(x.to(device), move(weight), config=config).cpu()
+    assert out.dtype == x.dtype and out.shape == (2, tokens, n)
+    report['w8a8 ' + label] = [relative_error(out, reference), (out.float() - reference.float()).abs().max().item()]
+x = (torch.randn(37, 200, generator=torch.Generator().manual_seed(2)) * 3).half()
+x[3] = 0
+report['token scales int8 equal'] = torch.equal(token_scales(x.to(device)).cpu(), quantize_activations(x, 'token')[1].view(-1))
+report['token scales fp8 equal'] = torch.equal(token_scales(x.to(device), 448.0).cpu(), quantize_fp8_rows(x)[1])
+x[5, 7], x[9, 1] = float('nan'), float('inf')
+out = w8a8_matmul(x.to(device), move(prepare_int8(quantize_weight(torch.randn(16, 200), 8, 'channel', True)))).cpu()
+report['non-finite rows'] = (~torch.isfinite(out).all(1)).nonzero().view(-1).tolist()
+
+@triton.jit
+def quantize_kernel(x_ptr, inverse_ptr, out_ptr, N: tl.constexpr, FP8: tl.constexpr, ROUND_FP8: tl.constexpr):
+    r = tl.arange(0, N)
+    q = K._quantize_tile(tl.load(x_ptr + r)[None, :], tl.load(inverse_ptr + tl.arange(0, 1)), FP8, ROUND_FP8)
+    tl.store(out_ptr + r[None, :], q.to(tl.float32))
+v = torch.cat([torch.randn(4096) * 100, torch.randn(4096) * 0.01, torch.randn(8192) * 1e-3]).clamp(-448, 448)
+v[:4] = torch.tensor([31.1, 447.9, -0.5 * 2**-9, 2**-10 * 3])   # carry into 32, the top, ties among subnormals
+out = torch.empty_like(v)
+quantize_kernel[(1,)](v.to(device), torch.ones(1, device=device), out_ne := out.to(device), N=v.numel(), FP8=True,
+                      ROUND_FP8=interpreted())
+report['fp8 prologue mismatches'] = int((out_ne.cpu() != v.to(torch.float8_e4m3fn).float()).sum())
+quantize_kernel[(1,)](v.to(device) / 3.5, torch.ones(1, device=device), out_ne, N=v.numel(), FP8=False, ROUND_FP8=False)
+report['int8 prologue mismatches'] = int((out_ne.cpu() != torch.round(v / 3.5).clamp(-128, 127)).sum())
+print(json.dumps(report))
+'''
+
+
+@pytest.fixture(scope='module')
+def eight_bit_report():
+    "Errors of every 8-bit case and the prologue checks, computed in one subprocess (the interpreter on a CPU)."
+    return run_kernels(EIGHT_BIT_SCRIPT, W8A16_CASES, W8A8_CASES)
+
+
+@pytest.mark.parametrize('case', W8A16_CASES, ids=[c[0] for c in W8A16_CASES])
+def test_w8a16_kernel_matches_float32_reference(case, eight_bit_report):
+    assert eight_bit_report['w8a16 ' + case[0]] < TOLERANCE[case[4]]
+
+
+@pytest.mark.parametrize('case', W8A8_CASES, ids=[c[0] for c in W8A8_CASES])
+def test_w8a8_kernel_matches_torch_quantization(case, eight_bit_report):
+    "Against the same per-token quantization in torch; int8 without split-K: equal after rounding."
+    error, largest = eight_bit_report['w8a8 ' + case[0]]
+    assert error < TOLERANCE[case[5]]
+    if case[7] and not CUDA: assert largest == 0.0, largest
+
+
+def test_token_scales_are_chapter_03s(eight_bit_report):
+    assert eight_bit_report['token scales int8 equal'] and eight_bit_report['token scales fp8 equal']
+
+
+def test_non_finite_rows_come_out_non_finite(eight_bit_report):
+    assert eight_bit_report['non-finite rows'] == [5, 9]
+
+
+def test_prologue_rounds_like_torch(eight_bit_report):
+    "The in-register quantization gives torch's int8 codes and torch's E4M3 values, ties and carries included."
+    assert eight_bit_report['fp8 prologue mismatches'] == 0
+    assert eight_bit_report['int8 prologue mismatches'] == 0
+
+
+def test_prepare_int8_reads_chapter_03():
+    from quantcourse.outliers import W8A8Linear, RowwiseInt8Weight
+    from quantcourse.kernels import prepare_int8
+    layer = W8A8Linear.from_linear(torch.nn.Linear(64, 24))
+    w = prepare_int8(layer)
+    assert w.codes.data_ptr() == layer.weight_codes.data_ptr()
+    assert torch.allclose(w.dequantize(), layer.weight().dequantize(), rtol=1e-6, atol=0)
+    rows = RowwiseInt8Weight(layer.weight_codes, torch.ones(24))
+    assert prepare_int8(rows) is rows
+    with pytest.raises(ValueError, match="group_size='channel'"): prepare_int8(quantize_weight(torch.randn(8, 64), 8, 32, True))
+    with pytest.raises(ValueError, match='bits=8'): prepare_int8(quantize_weight(torch.randn(8, 64), 4, 'channel', True))
+    with pytest.raises(TypeError, match='RowwiseInt8Weight'): prepare_int8(torch.randn(8, 64))
+
+
+def test_quantize_fp8_rows():
+    from quantcourse.kernels import quantize_fp8_rows, quantize_fp8_weight
+    codes, scale = quantize_fp8_rows(torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]]))
+    assert codes.dtype == torch.float8_e4m3fn
+    assert torch.equal(codes.float(), torch.tensor([[224.0, -448.0, 112.0], [0.0, 0.0, 0.0]]))
+    w = torch.randn(16, 64)
+    q = quantize_fp8_weight(w)
+    assert q.shape == (16, 64) and (q.dequantize() - w).abs().max() < 0.07 * w.abs().max()
+    with pytest.raises(ValueError, match='2-D'): quantize_fp8_weight(torch.randn(4))
+
+
+@pytest.fixture
+def eight_bit_weights():
+    from quantcourse.kernels import prepare_int8, quantize_fp8_weight
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(0))
+    return prepare_int8(quantize_weight(w, 8, 'channel', True)), quantize_fp8_weight(w)
+
+
+def test_eight_bit_bad_input(eight_bit_weights):
+    from quantcourse.kernels import token_scales, w8a16_matmul, w8a8_matmul
+    from quantcourse.outliers import RowwiseInt8Weight
+    int8, fp8 = eight_bit_weights
+    x = torch.randn(2, 128).half()
+    with pytest.raises(TypeError, match='RowwiseInt8Weight'): w8a16_matmul(x, fp8)
+    with pytest.raises(TypeError, match='FP8Weight'): w8a8_matmul(x, torch.randn(32, 128))
+    with pytest.raises(TypeError, match='x must be float16 or bfloat16'): w8a8_matmul(x.float(), int8)
+    with pytest.raises(TypeError, match='x must be float16 or bfloat16'): w8a16_matmul(x.float(), int8)
+    with pytest.raises(ValueError, match='in_features=128'): w8a8_matmul(x[:, :64], fp8)
+    with pytest.raises(ValueError, match='x must be contiguous'): w8a8_matmul(torch.randn(128, 2).half().T, int8)
+    with pytest.raises(TypeError, match='weight.codes must be a 2-D torch.int8'):
+        w8a16_matmul(x, RowwiseInt8Weight(int8.codes.float(), int8.absmax))
+    with pytest.raises(TypeError, match='weight.codes must be a 2-D torch.float8_e4m3fn'):
+        w8a8_matmul(x, type(fp8)(fp8.codes.half(), fp8.scale))
+    with pytest.raises(TypeError, match=r'weight.absmax must be float32 .*\.float\(\)'):
+        w8a8_matmul(x, RowwiseInt8Weight(int8.codes, int8.absmax.half()))
+    with pytest.raises(ValueError, match=r'weight.codes must be contiguous; pass weight.codes.contiguous\(\)'):
+        w8a8_matmul(x, RowwiseInt8Weight(int8.codes.T.contiguous().T, int8.absmax))
+    with pytest.raises(TypeError, match='x must be a torch.Tensor'): token_scales([[1.0]])
+
+
+@pytest.mark.skipif(interpreted(), reason='the interpreter takes CPU tensors')
+def test_eight_bit_cpu_tensors_need_the_interpreter(eight_bit_weights):
+    from quantcourse.kernels import token_scales, w8a16_matmul, w8a8_matmul
+    int8, fp8 = eight_bit_weights
+    x = torch.randn(2, 128).half()
+    for call in (lambda: w8a16_matmul(x, int8), lambda: w8a8_matmul(x, int8), lambda: w8a8_matmul(x, fp8),
+                 lambda: token_scales(x)):
+        with pytest.raises(ValueError, match='take CUDA tensors'): call()
+
+
+EIGHT_BIT_COMPILE_SCRIPT = r'''
+import json, re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import quantcourse.kernels as K
+assert not K.interpreted()
+HINTED = {'x_ptr', 'codes_ptr', 'absmax_ptr', 'out_ptr', 'N', 'K', 'stride_xm', 'stride_om', 'x_scales_ptr',
+          'w_factor_ptr', 'scales_ptr'}
+def build(kernel, signature, constants, warps=4, stages=3):
+    "Compile for sm_90 (H100/H200) through ptxas; which tensor-core instructions the PTX uses."
+    signature = dict(signature, **{k: 'constexpr' for k in constants})
+    names = list(signature)
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(names.index(k),): v for k, v in constants.items()},
+                       attrs={(names.index(k),): [['tt.divisibility', 16]] for k in names if k in HINTED})
+    compiled = triton.compile(source, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    ptx = compiled.asm['ptx']
+    return dict(shared=compiled.metadata.shared, mma=sorted(set(re.findall(r'\b(w?gmma\.[\w.]+|mma\.sync[\w.]+)', ptx))))
+report = {}
+for dtype in ('fp16', 'bf16'):
+    for dot, bm, bn, bk, split in [(False, 1, 32, 128, 8), (True, 16, 64, 128, 1)]:
+        sig = dict(x_ptr=f'*{dtype}', codes_ptr='*i8', absmax_ptr='*fp32', out_ptr='*fp32' if split > 1 else f'*{dtype}',
+                   M='i32', N='i32', K='i32', stride_xm='i32', stride_om='i32')
+        const = dict(USE_DOT=dot, DOT_FP32=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, TILES=4)
+        report[f'w8a16 {dtype} {dot} {split}'] = build(K._w8a16_matmul_kernel, sig, const)
+    for fp8 in (False, True):
+        sig = dict(x_ptr=f'*{dtype}', x_scales_ptr='*fp32', codes_ptr='*fp8e4nv' if fp8 else '*i8', w_factor_ptr='*fp32',
+                   out_ptr=f'*{dtype}', M='i32', N='i32', K='i32', stride_xm='i32', stride_om='i32')
+        const = dict(W_DIVISOR=1.0 if fp8 else 127.0, FP8=fp8, ROUND_FP8=False, FAST_ACCUM=False, GROUP_M=8, USE_DOT=True, DOT_FP32=False,
+                     BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, TILES=32)
+        report[f'w8a8 {dtype} {"fp8" if fp8 else "int8"}'] = build(K._w8a8_matmul_kernel, sig, const, warps=8)
+    report[f'token scales {dtype}'] = build(K._token_scales_kernel, dict(x_ptr=f'*{dtype}', scales_ptr='*fp32', M='i32',
+                                            K='i32', stride_xm='i32'), dict(QMAX=127.0, BLOCK_M=4, BLOCK_K=1024, TILES=4))
+print(json.dumps(report))
+'''
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason='triton is not installed')
+def test_eight_bit_kernels_compile_for_hopper():
+    "Without a GPU: the 8-bit kernels compile for sm_90; W8A8 multiplies on int8 / FP8 E4M3 tensor cores."
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    run = subprocess.run([sys.executable, '-c', EIGHT_BIT_COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-5000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    for dtype in ('fp16', 'bf16'):
+        assert report[f'w8a16 {dtype} False 8']['mma'] == [] and report[f'w8a16 {dtype} True 1']['mma']
+        assert any('s8' in i for i in report[f'w8a8 {dtype} int8']['mma']), report[f'w8a8 {dtype} int8']
+        assert any('e4m3' in i for i in report[f'w8a8 {dtype} fp8']['mma']), report[f'w8a8 {dtype} fp8']
