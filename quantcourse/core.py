@@ -26,8 +26,8 @@ __all__ = ['BUDGETS', 'MODEL_PACKAGE', 'MODEL_NAME', 'INSTALL_MODEL', 'NOVELS', 
           'decoder_blocks', 'block_inputs', 'run_block', 'LinearGroup', 'linear_groups',
           'QuantizedLinear', 'stored_bits', 'model_bits', 'dequantized_copy', 'Method',
           'register_method', 'layer_classes', 'calibration_shards', 'sharded', 'sum_shards',
-          'shard_span', 'FrameSlider', 'generate', 'evaluate', 'results_dir', 'record_results',
-          'result_row']
+          'shard_span', 'in_kernel', 'FrameSlider', 'generate', 'evaluate', 'results_dir',
+          'record_results', 'result_row']
 
 # %% ../nbs/00_core.ipynb #8d910e71
 def course_root() -> Path|None:
@@ -720,7 +720,7 @@ def _figure_png(fig, dpi: int = 80) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 # %% ../nbs/00_core.ipynb #7243462d
-def _in_kernel() -> bool:
+def in_kernel() -> bool:
     "True in a live Jupyter kernel (where widgets talk back), False in scripts and test runners."
     try: from IPython import get_ipython
     except ImportError: return False
@@ -788,7 +788,7 @@ class FrameSlider:
     def _repr_mimebundle_(self, include=None, exclude=None):
         bundle = {'text/plain': f'FrameSlider({self.label}: {len(self.values)} frames)',
                   'text/html': self.html()}
-        if _in_kernel():
+        if in_kernel():
             bundle.update({k: v for k,
                            v in self.widget()._repr_mimebundle_().items() if k != 'text/plain'})
         return bundle

@@ -11,13 +11,14 @@ import math
 from dataclasses import dataclass
 import torch
 import pandas as pd
+from .core import in_kernel
 
 # %% auto #0
 __all__ = ['FP32', 'TF32', 'BF16', 'FP16', 'FP8_E4M3', 'FP8_E5M2', 'FP4_E2M1', 'FLOAT_FORMATS',
           'INT8', 'INT4', 'INT_FORMATS', 'FORMATS', 'FloatFormat', 'IntFormat', 'decode',
           'torch_decode', 'same_values', 'encode', 'round_to', 'stress_inputs', 'is_tie',
           'torch_encode', 'format_summary', 'simulated_tf32_matmul', 'bit_string', 'format_table',
-          'show_format_table', 'format_explorer']
+          'show_format_table', 'FormatExplorer', 'format_explorer']
 
 # %% ../nbs/01_formats.ipynb #12666df6
 @dataclass(frozen=True)
@@ -297,11 +298,31 @@ def show_format_table(x: float, formats: list|None = None) -> pd.DataFrame:
     return table.rename_axis(f"x = {x!r}")
 
 # %% ../nbs/01_formats.ipynb #46f2e23b
-def format_explorer(value: float = 0.1, formats: list|None = None):
-    "An ipywidgets box: type a number, see its bits and rounding error in each format."
-    import ipywidgets as W
-    box = W.FloatText(value=value, description='x =')
-    table = W.HTML(show_format_table(value, formats).to_html())
-    def update(change): table.value = show_format_table(change['new'], formats).to_html()
-    box.observe(update, names='value')
-    return W.VBox([box, table])
+class FormatExplorer:
+    "Type a number, see its bits and rounding error per format: live in a kernel, a table when saved."
+    def __init__(self, value: float = 0.1, formats: list|None = None):
+        self.value, self.formats = float(value), formats
+
+    def html(self) -> str:
+        "The starting number's table, for pages without a kernel."
+        return show_format_table(self.value, self.formats).to_html()
+
+    def widget(self):
+        "An ipywidgets box: a number field over its table, redrawn as you type."
+        import ipywidgets as W
+        box = W.FloatText(value=self.value, description='x =')
+        table = W.HTML(self.html())
+        def update(change): table.value = show_format_table(change['new'], self.formats).to_html()
+        box.observe(update, names='value')
+        return W.VBox([box, table])
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        bundle = {'text/plain': f'FormatExplorer(x = {self.value!r})', 'text/html': self.html()}
+        if in_kernel():
+            live = self.widget()._repr_mimebundle_()
+            bundle.update({k: v for k, v in live.items() if k != 'text/plain'})
+        return bundle
+
+def format_explorer(value: float = 0.1, formats: list|None = None) -> FormatExplorer:
+    "The explorer for `value`; display it (the last line of a cell) to use it."
+    return FormatExplorer(value, formats)
