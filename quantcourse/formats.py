@@ -299,7 +299,7 @@ def show_format_table(x: float, formats: list|None = None) -> pd.DataFrame:
 
 # %% ../nbs/01_formats.ipynb #46f2e23b
 class FormatExplorer:
-    "Type a number, see its bits and rounding error per format: live in a kernel, a table when saved."
+    "A number's bits and rounding error per format: live in a kernel, a table when saved."
     def __init__(self, value: float = 0.1, formats: list|None = None):
         self.value, self.formats = float(value), formats
 
