@@ -329,6 +329,9 @@ def save_quantized(model, path: str|Path,
         if distributed: raise ValueError("max_shard_size writes from one process: call it on rank "
                                          "0 only, with distributed=False")
         return save_shards(model, path, shard_bytes(max_shard_size), metadata)
+    if any(p.is_meta for p in model.parameters()):  # offloaded: never all in memory at once
+        raise ValueError("the model has offloaded weights (on the meta device): save it shard by "
+                         "shard, passing max_shard_size=... (e.g. '5GB') and a folder as path")
     if not distributed: save_model(model, str(path), metadata=metadata); return Path(path)
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
