@@ -542,7 +542,7 @@ def module_tensors(model):
 
 # %% ../nbs/20_api.ipynb #f4f5b6ae
 def save_shards(model, folder: str|Path, max_bytes: int, metadata: dict) -> Path:
-    "Write `model` to `folder` as safetensors shards of at most `max_bytes` and transformers' index."
+    "Write `model` to `folder` as safetensors shards of at most `max_bytes`, and their index."
     from safetensors.torch import save_file
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     skip, written, shard, size, total = tied_names(model), [], {}, 0, 0
