@@ -21,10 +21,12 @@ Parts, chosen with --only (each well under 9 minutes on one H100 80GB; estimates
   float32 Hessian of down_proj 3.3 GB, activations 0.5 GB per 16 x 2048 x 8192 tensor and 1.9 GB in the MLP),
   and the same for 2, 4 and 8 blocks: that is the point.
 - awq2, awq4, awq8: AWQ (4 bits, groups of 128, its grid of 20 scales per group of linears) likewise, on float32
-  stacks (this library's AWQ scale search tries float32 weights: 3.4 GB a block, 27.5 GB of host memory for 8).
-  It keeps a float copy of the block beside the one it scales, and float32 activations (1 GB per 16 x 2048 x 8192
-  tensor, 3.8 GB in the MLP). Expected per block about 10-40 s; awq8 about 2-6 minutes, peak about 20-30 GB,
-  the same for 2, 4 and 8 blocks.
+  stacks (this library's AWQ scale search tries float32 weights, which a bfloat16 block refuses: 3.4 GB a block,
+  27.5 GB of host memory for 8). Its search holds every candidate weight of a group at once: for gate_proj and
+  up_proj together, 20 x 1.9 GB = 38 GB in float32; with a float copy of the block and float32 activations
+  (1 GB per 16 x 2048 x 8192 tensor, 3.8 GB in the MLP) the peak is expected at about 45-65 GB, the same for 2,
+  4 and 8 blocks. If it runs out of memory on an 80 GB card, pass --awq-grid 10 (recorded in each row). Expected
+  per block about 10-40 s; awq8 about 2-6 minutes.
 Every row records the seconds (device synchronized), the seconds to build the stack, and
 `torch.cuda.max_memory_allocated` over the quantization. After each row the script fits seconds = a + b x blocks
 by least squares over the rows of that method and prints the extrapolation to 80 blocks (Llama-3-70B's depth),
@@ -122,7 +124,7 @@ def check(device, quick: bool) -> dict:
     return result
 
 
-def measure(method: str, blocks: int, device, quick: bool) -> dict:
+def measure(method: str, blocks: int, device, quick: bool, extra: dict) -> dict:
     "Quantize a fresh stack of `blocks` blocks with `device=device`: seconds and peak device memory."
     shapes = TINY if quick else LLAMA3_70B
     tokens = torch.randint(0, shapes['vocab_size'], (2, 32) if quick else (16, 2048),
@@ -131,7 +133,8 @@ def measure(method: str, blocks: int, device, quick: bool) -> dict:
     block_gib = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters()) / 2**30
     if device.type == 'cuda': torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(device)
     sync(device); start = time.perf_counter()
-    report = quantize_model(model, method, calibration=tokens, progress=False, device=device, **SETTINGS)
+    report = quantize_model(model, method, calibration=tokens, progress=False, device=device, **SETTINGS,
+                            **extra)
     sync(device); seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None
     return dict(method=method, blocks=blocks, seconds=round(seconds, 2), seconds_per_block=round(seconds / blocks, 2),
@@ -151,11 +154,17 @@ def fit(rows: list[dict], key: str) -> tuple[float, float] | None:
     return (sy - slope * sx) / n, slope
 
 
+def label(row: dict) -> str:
+    "The method and the setting that changes between runs: 'gptq', 'awq', 'awq grid 10'."
+    grid = row['settings'].get('grid', 20)
+    return row['method'] + ('' if grid == 20 else f' grid {grid}')
+
+
 def extrapolate(rows: list[dict]) -> dict:
-    "Per method: the linear fits, and the seconds and peak memory they give for 80 blocks."
+    "Per method (and AWQ grid): the linear fits, and the seconds and peak memory they give for 80 blocks."
     out = {}
-    for method in sorted({r['method'] for r in rows}):
-        mine = [r for r in rows if r['method'] == method]
+    for method in sorted({label(r) for r in rows}):
+        mine = [r for r in rows if label(r) == method]
         seconds, memory = fit(mine, 'seconds'), fit(mine, 'peak_gpu_gib')
         if seconds is None: continue
         out[method] = dict(seconds_fit=dict(intercept=round(seconds[0], 2), per_block=round(seconds[1], 2)),
@@ -171,6 +180,7 @@ def main(argv=None):
     parser.add_argument('--only', nargs='+', choices=PARTS, default=PARTS, help='parts to run (default: all)')
     parser.add_argument('--out', default=None, help=f'default: {DEFAULT_OUT}; with --quick, the temporary folder')
     parser.add_argument('--quick', action='store_true', help='tiny shapes on the CPU: shows the script works')
+    parser.add_argument('--awq-grid', type=int, default=20, help="AWQ's scales tried per group (default 20)")
     args = parser.parse_args(argv)
     out = Path(args.out or (Path(tempfile.gettempdir()) / 'offload_gpu.quick.json' if args.quick else DEFAULT_OUT))
     device = torch.device('cpu' if args.quick else 'cuda')
@@ -182,9 +192,9 @@ def main(argv=None):
     previous = json.loads(out.read_text()) if out.exists() else {}
     same = all(previous.get(k) == header[k] for k in ('device', 'quick'))
     result = {**(previous if same else {}), **header}
-    rows = {(r['method'], r['blocks']): r for r in result.get('rows', [])}
+    rows = {(label(r), r['blocks']): r for r in result.get('rows', [])}
     def save():
-        result['rows'] = sorted(rows.values(), key=lambda r: (r['method'], r['blocks']))
+        result['rows'] = sorted(rows.values(), key=lambda r: (label(r), r['blocks']))
         result['extrapolation'] = extrapolate(result['rows'])
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + '\n')
@@ -196,8 +206,9 @@ def main(argv=None):
                   'of equal codes in the JSON)', flush=True)
     for part in [p for p in args.only if p != 'check']:
         method, blocks = part.rstrip('0123456789'), int(part.lstrip('gptqaw'))
-        row = measure(method, blocks, device, args.quick) | dict(commit=meta['commit'], recorded=meta['recorded'])
-        rows[(method, blocks)] = row; save()
+        extra = dict(grid=args.awq_grid) if method == 'awq' else {}
+        row = measure(method, blocks, device, args.quick, extra) | dict(commit=meta['commit'], recorded=meta['recorded'])
+        rows[(label(row), blocks)] = row; save()
         print(f"{method} {blocks} blocks: {row['seconds']:8.1f} s ({row['seconds_per_block']:.1f} s per block), "
               f"peak GPU {row['peak_gpu_gib']} GiB, stack built in {row['build_seconds']} s", flush=True)
     for method, e in result['extrapolation'].items():
