@@ -98,3 +98,22 @@ def test_bad_shards(tmp_path):
     with pytest.raises(ValueError, match='no model.safetensors.index.json'): load_quantized(tmp_path, build('llama'))
     next(folder.glob('*.safetensors')).unlink()
     with pytest.raises(ValueError, match='the folder lacks it'): load_quantized(folder, build('llama'))
+
+def test_a_model_loaded_with_a_device_map_offloading_to_disk(tmp_path):
+    "transformers' `device_map` (accelerate's hooks, `hf_device_map`): a block and lm_head on disk, the rest on the CPU."
+    from transformers import AutoModelForCausalLM
+    build('llama').save_pretrained(tmp_path/'base')
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path/'base', dtype=torch.float32).eval()
+    quantize_model(reference, 'gptq', calibration=TOKENS, progress=False)
+    device_map = {'model.embed_tokens': 'cpu', 'model.rotary_emb': 'cpu', 'model.layers.0': 'cpu',
+                  'model.layers.1': 'disk', 'model.norm': 'cpu', 'lm_head': 'disk'}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path/'base', dtype=torch.float32, device_map=device_map,
+                                                 offload_folder=tmp_path/'offload').eval()
+    assert model.hf_device_map == device_map and next(model.model.layers[1].parameters()).device.type == 'meta'
+    quantize_model(model, 'gptq', calibration=TOKENS, progress=False, device='cpu')
+    expected, got = layer_state(reference), layer_state(model)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    with torch.no_grad(): assert torch.equal(model(TOKENS).logits, reference(TOKENS).logits)
+    folder = save_quantized(model, tmp_path/'q', max_shard_size='50KB')  # lm_head is still on disk
+    reloaded = load_quantized(folder, AutoModelForCausalLM.from_pretrained(tmp_path/'base', dtype=torch.float32).eval())
+    with torch.no_grad(): assert torch.equal(reloaded(TOKENS).logits, reference(TOKENS).logits)
