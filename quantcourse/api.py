@@ -20,13 +20,15 @@ from .core import (METHODS, QuantizedLinear, decoder_blocks, block_inputs, run_b
 from . import scales, outliers, gptq, awq, gguf, nf4, below4
 
 # %% auto #0
-__all__ = ['QUANTIZED_FILE', 'RECIPE_FILE', 'COMMANDS', 'QuantReport', 'quantize_model',
-          'save_quantized', 'load_quantized', 'to_ct_codes', 'from_ct_codes', 'ct_scheme',
-          'ct_tensors', 'ct_config', 'export_compressed_tensors', 'load_compressed_tensors',
-          'UsageError', 'CommandParser', 'positive_int', 'group_size', 'command_parser',
-          'setting_value', 'method_settings', 'model_source', 'output_target', 'chosen_linears',
-          'quantize_command', 'load_quantized_folder', 'text_file_tokens', 'eval_command',
-          'summary_table', 'main']
+__all__ = ['SHARD_INDEX', 'QUANTIZED_FILE', 'RECIPE_FILE', 'COMMANDS', 'QuantReport',
+          'quantize_model', 'save_quantized', 'tied_names', 'shard_files', 'load_shards',
+          'load_quantized', 'check_device', 'home_device', 'weights_loaded', 'block_copy', 'on_cpu',
+          'StandIn', 'offloaded_block_inputs', 'shard_bytes', 'module_tensors', 'save_shards',
+          'to_ct_codes', 'from_ct_codes', 'ct_scheme', 'ct_tensors', 'ct_config',
+          'export_compressed_tensors', 'load_compressed_tensors', 'UsageError', 'CommandParser',
+          'positive_int', 'group_size', 'command_parser', 'setting_value', 'method_settings',
+          'model_source', 'output_target', 'chosen_linears', 'quantize_command',
+          'load_quantized_folder', 'text_file_tokens', 'eval_command', 'summary_table', 'main']
 
 # %% ../nbs/20_api.ipynb #e6b22fb3
 @dataclass
@@ -248,9 +250,12 @@ def quantize_model(
     progress: bool = True, # a progress bar over the blocks
     # one of several processes (torch.distributed): each calibrates on its share, sums statistics
     distributed: bool = False,
+    # quantize here one block at a time, activations kept on the CPU (None: where the model is)
+    device: str|torch.device|None = None,
     **config) -> QuantReport:
     "Quantize `model`'s decoder-block linears with `method`, block by block; report on every layer."
     spec = _method(method); settings = _settings(spec, config)
+    if device is not None: device = check_device(device)
     calibration = _check_calibration(calibration, spec)
     prefix, blocks = decoder_blocks(model)
     targets = _targets(model, prefix, blocks, names)
@@ -259,49 +264,74 @@ def quantize_model(
     start = time.perf_counter()
     with calibration_shards() if distributed else contextlib.nullcontext():
         rows, done = _quantize_blocks(model, blocks, prefix, targets, spec, settings, calibration,
-                                      progress)
+                                      progress, device)
     for i, work in done.items(): blocks[i] = work  # every block succeeded: now the model changes
     return QuantReport(method, settings, rows, time.perf_counter() - start)
 
-def _quantize_blocks(model, blocks, prefix, targets, spec, settings, calibration, progress):
+def _quantize_blocks(model, blocks, prefix, targets, spec, settings, calibration, progress,
+                     device=None):
     "`quantize_model`'s loop: the report's rows, and a quantized copy of each targeted block."
     from tqdm.auto import tqdm
+    from accelerate.utils import send_to_device
     method, rows, done, structures = spec.name, [], {}, {}
-    if calibration is not None: hidden, kwargs = block_inputs(model, calibration)
+    # with a device, blocks and activations go there one at a time, and come back
+    there = (lambda x: x) if device is None else (lambda x: send_to_device(x, device))
+    back = (lambda x: x) if device is None else (lambda x: send_to_device(x, 'cpu'))
+    copy_block = copy.deepcopy if device is None else (lambda block: block_copy(block, device))
+    if calibration is not None:
+        hidden, kwargs = (block_inputs(model, calibration) if device is None
+                          else offloaded_block_inputs(model, calibration))
     for i in tqdm(range(max(targets, default=-1) + 1), desc=f'{method}, block by block',
                   leave=False, disable=not progress):
         if i not in targets:
-            if calibration is not None: hidden = run_block(blocks[i], hidden, kwargs[i])
+            if calibration is not None:
+                block = blocks[i] if device is None else copy_block(blocks[i])
+                hidden = back(run_block(block, there(hidden), there(kwargs[i])))
             continue
         # the model is not touched yet
-        work, full_name = copy.deepcopy(blocks[i]), lambda name, i=i: f'{prefix}.{i}.{name}'
+        work, full_name = copy_block(blocks[i]), lambda name, i=i: f'{prefix}.{i}.{name}'
         if calibration is None: _quantize_block(work, targets[i], spec, settings, full_name, rows)
         else:  # blocks of one class share their structure: find which linears share an input once
+            x, block_kwargs = there(hidden), there(kwargs[i])
             key = (type(work), tuple(linear_names(work)))
-            if key not in structures: structures[key] = linear_groups(work, hidden, kwargs[i])
+            if key not in structures: structures[key] = linear_groups(work, x, block_kwargs)
             folded, original = None, None
             if spec.prepare_block:
                 original = copy.deepcopy(work)
                 options = dict(settings, groups=structures[key], name=f'{prefix}.{i}')
-                folded = spec.prepare_block(work, hidden, kwargs[i],
+                folded = spec.prepare_block(work, x, block_kwargs,
                                             **_accepted(spec.prepare_block, options))
-            hidden = _quantize_block(work, targets[i], spec, settings, full_name, rows, hidden,
-                                     kwargs[i], structures[key], folded, original)
-        done[i] = work
+            hidden = back(_quantize_block(work, targets[i], spec, settings, full_name, rows, x,
+                                          block_kwargs, structures[key], folded, original))
+            del x, block_kwargs, original, folded  # off the device before the next block comes
+        done[i] = work if device is None else work.to(home_device(blocks[i]))
     return rows, done
 
 # %% ../nbs/20_api.ipynb #13c2a9ad
-def save_quantized(model, path: str|Path,
-                   # every process calls it: rank 0 writes once all have arrived, the others wait
-                   distributed: bool = False) -> Path:
-    "Write `model`'s tensors to a safetensors file, each quantized layer's `config()` in metadata."
-    from safetensors.torch import save_model
+def _quantcourse_metadata(model) -> dict:
+    "The safetensors metadata: each quantized layer's `config()` and the base model's name."
     layers = {n: m.config() for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     if not layers:
         raise ValueError("the model has no quantized layers; quantize it with `quantize_model` "
                          "first")
     base = getattr(getattr(model, 'config', None), '_name_or_path', None)
-    metadata = {'quantcourse': json.dumps(dict(format=1, base_model=base, layers=layers))}
+    return {'quantcourse': json.dumps(dict(format=1, base_model=base, layers=layers))}
+
+def save_quantized(model, path: str|Path,
+                   # every process calls it: rank 0 writes once all have arrived, the others wait
+                   distributed: bool = False,
+                   # bytes per file (or '2GB', '500MB'): `path` is then a folder of shards
+                   max_shard_size: int|str|None = None) -> Path:
+    "Write `model`'s tensors to a safetensors file, each quantized layer's `config()` in metadata."
+    from safetensors.torch import save_model
+    metadata = _quantcourse_metadata(model)
+    if max_shard_size is not None:
+        if distributed: raise ValueError("max_shard_size writes from one process: call it on rank "
+                                         "0 only, with distributed=False")
+        return save_shards(model, path, shard_bytes(max_shard_size), metadata)
+    if any(p.is_meta for p in model.parameters()):  # offloaded: never all in memory at once
+        raise ValueError("the model has offloaded weights (on the meta device): save it shard by "
+                         "shard, passing max_shard_size=... (e.g. '5GB') and a folder as path")
     if not distributed: save_model(model, str(path), metadata=metadata); return Path(path)
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
@@ -334,14 +364,49 @@ def _saved_layers(path) -> tuple[dict, str|None]:
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: the quantcourse metadata is corrupted ({e!r})") from None
 
+def tied_names(model) -> set[str]:
+    "Names of the tensors that are another's under a second name (an input embedding as output)."
+    return ({n for n, _ in model.named_parameters(remove_duplicate=False)}
+            - {n for n, _ in model.named_parameters()})
+
+def shard_files(path: str|Path) -> list[Path]|None:
+    "The shards that `path` (a folder of shards, or their index) names; None for a single file."
+    path = Path(path)
+    index = (path/SHARD_INDEX if path.is_dir() else path if path.name.endswith('.index.json')
+             else None)
+    if index is None: return None
+    if not index.exists():
+        raise ValueError(f"{path} has no {SHARD_INDEX}: give a file or a folder written by "
+                         "`save_quantized`")
+    try: files = sorted(set(json.loads(index.read_text())['weight_map'].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index} is not a shard index ({e!r})") from None
+    missing = [f for f in files if not (index.parent/f).exists()]
+    if missing or not files:
+        raise ValueError(f"{index} names {missing[:1] or 'no shard'}; the folder lacks it")
+    return [index.parent/f for f in files]
+
+def load_shards(model, files: list[Path], device):
+    "Load the safetensors `files` into `model` one by one; together they must hold all its tensors."
+    from safetensors.torch import load_file
+    expected, loaded = model.state_dict(), set()
+    for file in files:
+        part = load_file(str(file), device=str(device))
+        unexpected = sorted(set(part) - set(expected))
+        if unexpected: raise ValueError(f"{file} holds {unexpected[0]}, which the model lacks")
+        model.load_state_dict(part, strict=False); loaded |= set(part)
+    missing = sorted(set(expected) - loaded - tied_names(model))
+    if missing: raise ValueError(f"the shards lack {len(missing)} tensor(s): {missing[:3]}")
+
 def load_quantized(
-    path: str|Path, # a file written by `save_quantized`
+    path: str|Path, # a file written by `save_quantized`, or a folder of shards (or their index)
     # a float model of the same architecture (None: load the base model the file names)
     model=None,
 ):
     "Rebuild in `model` the quantized layers saved in `path`, load all tensors; no unpickling."
     from safetensors.torch import load_model as load_tensors
-    layers, base = _saved_layers(path)
+    shards = shard_files(path)
+    layers, base = _saved_layers(shards[0] if shards else path)
     if model is None:
         if not base:
             raise ValueError(f"{path} names no base model: pass model=... (a float model of the "
@@ -362,10 +427,141 @@ def load_quantized(
     device = next(model.parameters()).device
     for name, config in layers.items():
         _set_module(model, name, classes[config['method']].from_config(config).to(device))
-    try: load_tensors(model, str(path), strict=True, device=str(device))
+    try:
+        if shards: load_shards(model, shards, device)
+        else: load_tensors(model, str(path), strict=True, device=str(device))
     except RuntimeError as e:
         raise ValueError(f"{path} does not fit the model: {str(e)[:600]}") from None
     return model
+
+# %% ../nbs/20_api.ipynb #703b67be
+def check_device(device) -> torch.device:
+    "`device` as a `torch.device` this machine has; a ValueError naming the argument if not."
+    try: device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device name; use 'cpu', 'cuda' or 'cuda:1', "
+                         "or leave it None") from None
+    kind = getattr(torch, device.type, None) if device.type != 'cpu' else None
+    if device.type == 'meta' or (device.type != 'cpu' and not (kind and kind.is_available())):
+        raise ValueError(f"device={str(device)!r} is not available on this machine: use 'cpu', "
+                         "a GPU it has, or leave it None")
+    if device.index is not None and device.type != 'cpu' and device.index >= kind.device_count():
+        raise ValueError(f"device={str(device)!r}: this machine has {kind.device_count()} "
+                         f"{device.type} device(s), numbered from 0")
+    return device
+
+def home_device(module: nn.Module) -> torch.device:
+    "Where `module`'s weights live: its first weight's device, or the CPU if offloaded (meta)."
+    first = next(module.parameters()).device
+    return torch.device('cpu') if first.type == 'meta' else first
+
+# %% ../nbs/20_api.ipynb #585064b0
+@contextlib.contextmanager
+def weights_loaded(module: nn.Module):
+    "Inside: every weight of `module` that accelerate offloaded (meta, disk) loaded onto the CPU."
+    from accelerate.utils import has_offloaded_params, align_module_device
+    with contextlib.ExitStack() as stack:
+        for m in module.modules():  # the hooks sit on the modules that hold the weights
+            if has_offloaded_params(m): stack.enter_context(align_module_device(m, 'cpu'))
+        yield module
+
+def block_copy(block: nn.Module, device) -> nn.Module:
+    "A copy of `block` on `device`: its offloaded weights loaded, without accelerate's hooks."
+    from accelerate.hooks import ModelHook, remove_hook_from_module
+    # the hooks hold the offloaded weights of the whole model: don't copy them, strip them
+    memo = {id(m._hf_hook): ModelHook() for m in block.modules() if hasattr(m, '_hf_hook')}
+    with weights_loaded(block): work = copy.deepcopy(block, memo)
+    return remove_hook_from_module(work, recurse=True).to(device)
+
+# %% ../nbs/20_api.ipynb #1e4a1311
+class _Caught(Exception): "The last stand-in was reached: the model has run as far as needed."
+
+def on_cpu(value, copies: dict):
+    "`value` (a tensor, or dicts, lists, tuples of them) on the CPU; each tensor copied once."
+    if isinstance(value, torch.Tensor):
+        # the original is kept too, so that no other tensor takes its id meanwhile
+        if id(value) not in copies: copies[id(value)] = (value, value.to('cpu'))
+        return copies[id(value)][1]
+    if isinstance(value, dict): return {k: on_cpu(v, copies) for k, v in value.items()}
+    if isinstance(value, (list, tuple)): return type(value)(on_cpu(v, copies) for v in value)
+    return value
+
+class StandIn(nn.Module):
+    "Takes a block's place for one pass: keeps its input and arguments on the CPU, passes it on."
+    def __init__(self, block: nn.Module, index: int, seen: dict):
+        super().__init__(); self.__dict__['block'] = block  # not a submodule: never run, not moved
+        self.index, self.seen = index, seen
+    def __getattr__(self, name):  # the model may read the block's attributes (its attention type)
+        try: return super().__getattr__(name)
+        except AttributeError: return getattr(self.__dict__['block'], name)
+    def forward(self, *args, **kwargs):
+        kwargs = dict(kwargs); hidden = args[0] if args else kwargs.pop('hidden_states')
+        kwargs.pop('hidden_states', None)
+        if self.index == 0: self.seen['hidden'] = hidden.to('cpu')
+        self.seen['kwargs'][self.index] = on_cpu(kwargs, self.seen['copies'])
+        if self.index == len(self.seen['kwargs']) - 1: raise _Caught
+        return hidden
+
+@torch.no_grad()
+def offloaded_block_inputs(model, tokens: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+    "As `block_inputs`, kept on the CPU, running no block: each stands in as the identity."
+    _, blocks = decoder_blocks(model)
+    originals, seen = list(blocks), dict(kwargs=[None] * len(blocks), copies={})
+    for i, block in enumerate(originals): blocks[i] = StandIn(block, i, seen)
+    try: model(tokens.to(home_device(model)), use_cache=False)
+    except _Caught: pass
+    finally:
+        for i, block in enumerate(originals): blocks[i] = block
+    return seen['hidden'], seen['kwargs']
+
+# %% ../nbs/20_api.ipynb #1df1eb0e
+SHARD_INDEX = 'model.safetensors.index.json'
+_UNITS = {'KB': 10**3, 'MB': 10**6, 'GB': 10**9, 'KIB': 2**10, 'MIB': 2**20, 'GIB': 2**30, 'B': 1}
+
+def shard_bytes(max_shard_size: int|str) -> int:
+    "`max_shard_size` in bytes: a whole number above 0, or text such as '5GB' or '500MB'."
+    size = max_shard_size
+    if isinstance(size, str):
+        text = size.strip().upper()
+        unit = next((u for u in _UNITS if text.endswith(u)), None)
+        try: size = int(float(text[:-len(unit)]) * _UNITS[unit]) if unit else int(text)
+        except ValueError: size = None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"max_shard_size={max_shard_size!r} must be a positive number of bytes "
+                         "or a text such as '5GB'")
+    return size
+
+def module_tensors(model):
+    "(name, tensor) of the state dict, module by module: offloaded weights loaded to the CPU."
+    for prefix, module in model.named_modules():
+        if not (module._parameters or module._buffers): continue  # holds none itself
+        with weights_loaded(module):
+            tensors = module.state_dict(prefix=f'{prefix}.' if prefix else '')
+            for name, tensor in tensors.items():  # its own, not its submodules'
+                if name.rpartition('.')[0] == prefix: yield name, tensor.detach().to('cpu')
+
+# %% ../nbs/20_api.ipynb #f4f5b6ae
+def save_shards(model, folder: str|Path, max_bytes: int, metadata: dict) -> Path:
+    "Write `model` to `folder` as safetensors shards of at most `max_bytes`, and their index."
+    from safetensors.torch import save_file
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    skip, written, shard, size, total = tied_names(model), [], {}, 0, 0
+    def write():  # under a temporary name: the count of shards is known at the end
+        written.append((f'shard-{len(written) + 1}.partial', list(shard)))
+        save_file(shard, str(folder/written[-1][0]), metadata=metadata)
+    for name, tensor in module_tensors(model):
+        if name in skip: continue
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_bytes: write(); shard, size = {}, 0
+        shard[name] = tensor.clone(); size += nbytes; total += nbytes  # clone: no shared storage
+    if shard: write()
+    weight_map = {}
+    for k, (partial, names) in enumerate(written, 1):
+        final = f'model-{k:05d}-of-{len(written):05d}.safetensors'
+        (folder/partial).replace(folder/final); weight_map |= dict.fromkeys(names, final)
+    index = dict(metadata=dict(total_size=total, **metadata), weight_map=weight_map)
+    (folder/SHARD_INDEX).write_text(json.dumps(index, indent=2) + '\n')
+    return folder
 
 # %% ../nbs/20_api.ipynb #62f1cdc0
 _CT_OFFSET = 8  # compressed-tensors' int4 codes are signed, -8..7; ours with a zero-point are 0..15
