@@ -262,7 +262,8 @@ def search_scale(block: nn.Module, group: ScaleGroup, x: torch.Tensor, # the gro
     x_mean = group.tie(channel_means(x))
     w_mean = group.tie(weight_means(weight, group_size)) if duo else None
     alphas = [i / grid for i in range(grid)]
-    factors = [awq_scales(x_mean, alpha, w_mean).to(weight.device) for alpha in alphas]
+    factors = [awq_scales(x_mean, alpha, w_mean).to(weight.device, weight.dtype)  # a bfloat16
+               for alpha in alphas]                # model is searched in bfloat16
     def tried(s):  # W*s quantized, then /s: what the layer computes with, on the unscaled input
         s = group.untie(s)
         return {n: fake_quantize(l.weight * s, bits, group_size, symmetric) / s

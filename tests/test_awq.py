@@ -165,3 +165,14 @@ def test_scales_and_means_checks():
     with pytest.raises(ValueError, match='NaN or Inf'): channel_means(torch.tensor([[1.0, float('nan')]]))
     s = awq_scales(torch.tensor([0.0, 1.0, 4.0]), 0.5)
     assert torch.isfinite(s).all() and (s > 0).all()
+
+
+def test_awq_on_a_bfloat16_model():
+    "A bfloat16 model is searched and scaled in bfloat16 (the factors take the weights' dtype)."
+    model = build('llama').to(torch.bfloat16)
+    calibration = tiny_calibration()
+    quantize_model(model, 'awq', calibration=calibration, group_size=16, clip=True, duo=True,
+                   progress=False)
+    with torch.no_grad(): logits = model(calibration).logits
+    assert logits.dtype == torch.bfloat16
+    assert torch.isfinite(logits).all()
