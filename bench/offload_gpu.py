@@ -20,13 +20,12 @@ Parts, chosen with --only (each well under 9 minutes on one H100 80GB; estimates
   the host: gptq8 about 2-5 minutes. Peak GPU memory expected about 10-15 GB (one bfloat16 block 1.7 GB, the
   float32 Hessian of down_proj 3.3 GB, activations 0.5 GB per 16 x 2048 x 8192 tensor and 1.9 GB in the MLP),
   and the same for 2, 4 and 8 blocks: that is the point.
-- awq2, awq4, awq8: AWQ (4 bits, groups of 128, its grid of 20 scales per group of linears) likewise, on float32
-  stacks (this library's AWQ scale search tries float32 weights, which a bfloat16 block refuses: 3.4 GB a block,
-  27.5 GB of host memory for 8). Its search holds every candidate weight of a group at once: for gate_proj and
-  up_proj together, 20 x 1.9 GB = 38 GB in float32; with a float copy of the block and float32 activations
-  (1 GB per 16 x 2048 x 8192 tensor, 3.8 GB in the MLP) the peak is expected at about 45-65 GB, the same for 2,
-  4 and 8 blocks. If it runs out of memory on an 80 GB card, pass --awq-grid 10 (recorded in each row). Expected
-  per block about 10-40 s; awq8 about 2-6 minutes.
+- awq2, awq4, awq8: AWQ (4 bits, groups of 128, its grid of 20 scales per group of linears) likewise, on
+  bfloat16 stacks. Its search holds every candidate weight of a group at once: for gate_proj and up_proj
+  together, 20 x 0.94 GB = 19 GB in bfloat16; with the block's copies and its activations (0.5 GB per
+  16 x 2048 x 8192 tensor, 1.9 GB in the MLP) the peak is expected at about 25-40 GB, the same for 2, 4 and 8
+  blocks. If it runs out of memory, pass --awq-grid 10 (recorded in each row). Expected per block about
+  10-40 s; awq8 about 2-6 minutes.
 Every row records the seconds (device synchronized), the seconds to build the stack, and
 `torch.cuda.max_memory_allocated` over the quantization. After each row the script fits seconds = a + b x blocks
 by least squares over the rows of that method and prints the extrapolation to 80 blocks (Llama-3-70B's depth),
@@ -64,8 +63,7 @@ SMALL = dict(hidden_size=1024, intermediate_size=3584, num_attention_heads=8, nu
 TINY = dict(hidden_size=128, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
             vocab_size=256)
 SETTINGS = dict(bits=4, group_size=128, symmetric=False)
-# AWQ's scale search here tries float32 weights against the block's activations: it takes float32 blocks
-DTYPES = dict(gptq=torch.bfloat16, awq=torch.float32)
+DTYPES = dict(gptq=torch.bfloat16, awq=torch.bfloat16)
 DEPTH = 80  # Llama-3-70B's blocks
 PAPER = ('GPTQ paper (Frantar et al. 2022, abstract): GPT models of 175 B weights quantized in about four GPU '
          'hours (one A100 80GB)')
@@ -187,7 +185,7 @@ def main(argv=None):
     if device.type == 'cuda' and not torch.cuda.is_available(): sys.exit('no CUDA GPU here: run with --quick on a CPU')
     meta = run_metadata(device)
     header = dict(meta, quick=args.quick, shapes=TINY if args.quick else LLAMA3_70B, settings=SETTINGS, paper=PAPER,
-                  how="random stack in CPU memory (GPTQ bfloat16, AWQ float32), quantize_model(..., device=...); seconds: the whole call, "
+                  how="random stack in CPU memory (bfloat16), quantize_model(..., device=...); seconds: the whole call, "
                       "device synchronized; peak: torch.cuda.max_memory_allocated over the call")
     previous = json.loads(out.read_text()) if out.exists() else {}
     same = all(previous.get(k) == header[k] for k in ('device', 'quick'))
