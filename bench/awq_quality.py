@@ -113,10 +113,27 @@ def llm_compressor(model, tokenizer, calibration, bits, duo):
     return model
 
 
+def llm_compressor_gptq(model, tokenizer, calibration, bits):
+    "llm-compressor's GPTQModifier, W{bits} asym g64, activation order 'static' (its default), damping 0.01."
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    scheme = {'targets': ['Linear'], 'weights': dict(num_bits=bits, type='int', symmetric=False, strategy='group',
+                                                      group_size=64)}
+    recipe = [GPTQModifier(config_groups={'group_0': scheme}, ignore=['lm_head'], block_size=128,
+                           dampening_frac=0.01, actorder='static')]
+    dataset = Dataset.from_dict({'input_ids': calibration.tolist(), 'attention_mask': torch.ones_like(calibration).tolist()})
+    oneshot(model=model, processor=tokenizer, dataset=dataset, recipe=recipe, max_seq_length=calibration.shape[1],
+            num_calibration_samples=len(calibration), shuffle_calibration_samples=False, batch_size=1)
+    return model
+
+
 ESSENTIAL = ['RTN', 'AWQ', 'AWQ + clip', 'AWQ duo', 'GPTQ act order, static groups', 'AWQ then GPTQ']
 PEERS = [('llm-compressor AWQ', None, dict(duo=False), 'llm-compressor'),
          ('llm-compressor AWQ (duo)', None, dict(duo=True), 'llm-compressor'),
-         ('llm-awq (scale + clip)', None, {}, 'llm-awq')]
+         ('llm-awq (scale + clip)', None, {}, 'llm-awq'),
+         # the production route for GPTQ, beside ours 'GPTQ act order, static groups' (chapter 10)
+         ('llm-compressor GPTQ', None, dict(gptq=True), 'llm-compressor')]
 
 
 def tasks(seeds, bits_list, peers: bool, only=None, first_seed_extras=True):
@@ -127,7 +144,7 @@ def tasks(seeds, bits_list, peers: bool, only=None, first_seed_extras=True):
     todo = [(*run, seed, bits) for seed in seeds for bits in bits_list for run in wanted]
     # the rest (tied o_proj factors, llm-compressor's duo) on the first seed only
     extras = [r for r in OURS if r[0] not in ESSENTIAL]
-    extras = [(*r, 'ours') for r in extras] + ([PEERS[1]] if peers else [])
+    extras = [(*r, 'ours') for r in extras] + ([PEERS[1], PEERS[3]] if peers else [])
     if first_seed_extras: todo += [(*run, seeds[0], bits) for run in extras for bits in bits_list]
     todo += [(*run, seed, bits) for seed in seeds for bits in bits_list for run in VARIANTS]
     return [t for t in todo if not only or t[0] in only]
@@ -164,6 +181,7 @@ def truncated(model, blocks: int):
 def quantize_task(work, task, tokenizer, calibration):
     "Quantize `work` as `task` says (in place, or the peer's returned model)."
     label, method, cfg, source, seed, bits = task
+    if source == 'llm-compressor' and cfg.get('gptq'): return llm_compressor_gptq(work, tokenizer, calibration, bits)
     if source == 'llm-compressor': return llm_compressor(work, tokenizer, calibration, bits, cfg['duo'])
     if source == VARIANTS[0][3]: return awq_llm_awq_rounding(work, calibration, bits)
     if source == 'llm-awq':
