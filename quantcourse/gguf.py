@@ -1039,10 +1039,15 @@ def llama_quantize(source, target, mix: str, threads: int = 2) -> Path:
 
 def greedy_ids(model, ids, n_tokens: int) -> list[int]:
     "The `n_tokens` ids a transformers model generates after `ids`, always the most likely one."
-    out = list(ids)
-    with torch.no_grad():
-        for _ in range(n_tokens): out.append(int(model(torch.tensor([out])).logits[0, -1].argmax()))
-    return out[len(ids):]
+    import inspect  # transformers 5.25 renamed `past_key_values` to `cache`
+    name = 'cache' if 'cache' in inspect.signature(model.forward).parameters else 'past_key_values'
+    out, step, cache = [], torch.tensor([list(ids)]), None
+    with torch.no_grad():  # one new token per step, the earlier ones from the key-value cache
+        for _ in range(n_tokens):
+            result = model(step, use_cache=True, **{name: cache})
+            cache = result[name]
+            out.append(int(result.logits[0, -1].argmax())); step = torch.tensor([[out[-1]]])
+    return out
 
 # %% ../nbs/06_gguf.ipynb #340eab8d
 @torch.no_grad()
