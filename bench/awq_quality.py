@@ -97,35 +97,37 @@ def check_correctness(model, calibration, device):
     return f'folded float logits within {fold:.1e} (relative); batched grid losses equal one call per alpha within {worst:.1e}'
 
 
-def llm_compressor(model, tokenizer, calibration, bits, duo):
-    "llm-compressor's AWQModifier then its W{bits} asym g64 QuantizationModifier, on our calibration tokens."
+def llm_compressor_scheme(bits: int) -> dict:
+    "The W{bits} asymmetric groups-of-64 weight scheme both llm-compressor routes quantize to."
+    return {'targets': ['Linear'], 'weights': dict(num_bits=bits, type='int', symmetric=False, strategy='group',
+                                                    group_size=64)}
+
+
+def llm_compressor_oneshot(model, tokenizer, calibration, recipe):
+    "llm-compressor's `oneshot` with `recipe` on our calibration tokens, in their order, one sequence a batch."
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.transform.awq import AWQModifier
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-    scheme = {'targets': ['Linear'], 'weights': dict(num_bits=bits, type='int', symmetric=False, strategy='group',
-                                                      group_size=64)}
-    recipe = [AWQModifier(duo_scaling=duo, n_grid=20),
-              QuantizationModifier(config_groups={'group_0': scheme}, ignore=['lm_head'])]
     dataset = Dataset.from_dict({'input_ids': calibration.tolist(), 'attention_mask': torch.ones_like(calibration).tolist()})
     oneshot(model=model, processor=tokenizer, dataset=dataset, recipe=recipe, max_seq_length=calibration.shape[1],
             num_calibration_samples=len(calibration), shuffle_calibration_samples=False, batch_size=1)
     return model
+
+
+def llm_compressor(model, tokenizer, calibration, bits, duo):
+    "llm-compressor's AWQModifier then its W{bits} asym g64 QuantizationModifier, on our calibration tokens."
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    recipe = [AWQModifier(duo_scaling=duo, n_grid=20),
+              QuantizationModifier(config_groups={'group_0': llm_compressor_scheme(bits)}, ignore=['lm_head'])]
+    return llm_compressor_oneshot(model, tokenizer, calibration, recipe)
 
 
 def llm_compressor_gptq(model, tokenizer, calibration, bits):
     "llm-compressor's GPTQModifier, W{bits} asym g64, activation order 'static' (its default), damping 0.01."
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.gptq import GPTQModifier
-    scheme = {'targets': ['Linear'], 'weights': dict(num_bits=bits, type='int', symmetric=False, strategy='group',
-                                                      group_size=64)}
-    recipe = [GPTQModifier(config_groups={'group_0': scheme}, ignore=['lm_head'], block_size=128,
-                           dampening_frac=0.01, actorder='static')]
-    dataset = Dataset.from_dict({'input_ids': calibration.tolist(), 'attention_mask': torch.ones_like(calibration).tolist()})
-    oneshot(model=model, processor=tokenizer, dataset=dataset, recipe=recipe, max_seq_length=calibration.shape[1],
-            num_calibration_samples=len(calibration), shuffle_calibration_samples=False, batch_size=1)
-    return model
+    recipe = [GPTQModifier(config_groups={'group_0': llm_compressor_scheme(bits)}, ignore=['lm_head'],
+                           block_size=128, dampening_frac=0.01, actorder='static')]
+    return llm_compressor_oneshot(model, tokenizer, calibration, recipe)
 
 
 ESSENTIAL = ['RTN', 'AWQ', 'AWQ + clip', 'AWQ duo', 'GPTQ act order, static groups', 'AWQ then GPTQ']
