@@ -436,8 +436,11 @@ def smoothing_statistics(model, calibration: torch.Tensor, # (n_samples, seq_len
     hidden, kwargs = block_inputs(model, calibration)
     statistics = []
     for index, block in enumerate(blocks):
-        statistics.append(smoothing_inputs(block, hidden, kwargs[index], down_proj))
-        hidden = run_block(block, hidden, kwargs[index])
+        outputs = []  # the block's output on the statistics' own pass: no pass of its own
+        handle = block.register_forward_hook(lambda module, args, out: outputs.append(out))
+        try: statistics.append(smoothing_inputs(block, hidden, kwargs[index], down_proj))
+        finally: handle.remove()
+        hidden = outputs[-1][0] if isinstance(outputs[-1], tuple) else outputs[-1]
     return statistics
 
 @torch.no_grad()
