@@ -71,7 +71,7 @@ def runs() -> list[tuple]:
              ('LLM.int8() threshold 6', 'LLM.int8()', 'quantize', 'llm_int8', {}),
              ('SmoothQuant W8A8 alpha 0.5', 'SmoothQuant', 'quantize', 'smoothquant', {})]
     rows += [(f'GGUF {mix}', 'GGUF', 'gguf', mix, {}) for mix in ('Q4_0', 'Q4_K_M', 'Q5_K_M', 'Q6_K', 'Q8_0')]
-    rows += [('QLoRA: NF4 + LoRA, 200 steps', 'QLoRA', 'qlora', 'nf4', dict(double_quant=True))]
+    rows += [('QLoRA: NF4 + LoRA', 'QLoRA', 'qlora', 'nf4', dict(double_quant=True))]
     return rows
 
 
@@ -104,7 +104,7 @@ def gguf_bits(model, mix: str) -> float:
     return mix_bits(shapes, types, linears)
 
 
-def build(run, float_model, tokenizer, calibration, train_batches, device, folder: Path) -> tuple:
+def build(run, float_model, tokenizer, calibration, train_batches, qlora: dict, device, folder: Path) -> tuple:
     "The row's model, its seconds, the file it keeps and extra fields."
     label, family, kind, method, settings = run
     if kind == 'float':
@@ -125,27 +125,27 @@ def build(run, float_model, tokenizer, calibration, train_batches, device, folde
     extra = dict(bits_per_weight=model_bits(work))
     path = folder / 'model.safetensors'; save_quantized(work, path)
     if kind == 'qlora':
-        q = QLORA
-        trained = with_adapters(work, q['targets'], r=q['r'], alpha=q['alpha'], seed=q['seed'])
+        trained = with_adapters(work, qlora['targets'], r=qlora['r'], alpha=qlora['alpha'],
+                                seed=qlora['seed'])
         sync(device); start = time.perf_counter()
-        losses = train_lora(trained, train_batches, q['steps'], lr=q['lr'], warmup=q['warmup'],
-                            schedule=q['schedule'], progress=False)
+        losses = train_lora(trained, train_batches, qlora['steps'], lr=qlora['lr'], warmup=qlora['warmup'],
+                            schedule=qlora['schedule'], progress=False)
         sync(device); extra |= dict(train_seconds=time.perf_counter() - start, nf4_seconds=seconds,
-                                    first_loss=losses[0], last_loss=losses[-1], qlora=q)
+                                    first_loss=losses[0], last_loss=losses[-1], qlora=qlora)
         seconds += extra['train_seconds']
         path = save_adapters(trained, folder / 'adapters').parent
         work = trained.eval()
     return work, seconds, path, extra
 
 
-def run_row(run, float_model, tokenizer, calibration, train_batches, tokens, budget, device, meta,
+def run_row(run, float_model, tokenizer, calibration, train_batches, qlora: dict, tokens, budget, device, meta,
             new_tokens: int) -> dict:
     "Build one row's model, measure it; its row."
     label, family, kind, method, settings = run
     if device.type == 'cuda': torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as folder:
-        model, seconds, path, extra = build(run, float_model, tokenizer, calibration, train_batches, device,
-                                            Path(folder))
+        model, seconds, path, extra = build(run, float_model, tokenizer, calibration, train_batches, qlora,
+                                            device, Path(folder))
         size = file_bytes(path)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else None
     start = time.perf_counter()
@@ -173,7 +173,6 @@ def main(argv=None):
     meta = run_metadata(device)
     budget = Budget('quick', 4, 64, 512, 128) if args.quick else get_budget('full')
     qlora = dict(QLORA, steps=2, batch=1, seq_len=32) if args.quick else QLORA
-    QLORA.update(qlora)
     chosen = [r for r in runs() if args.only is None or r[0] in args.only]
     if args.only and len(chosen) != len(args.only):
         known = [r[0] for r in runs()]
@@ -197,7 +196,7 @@ def main(argv=None):
     train_batches = train_batches.view(qlora['steps'], qlora['batch'], qlora['seq_len']).to(device)
     tokens = eval_tokens(tokenizer, budget.eval_tokens)
     for run in chosen:
-        row = run_row(run, model, tokenizer, calibration, train_batches, tokens, budget, device, meta,
+        row = run_row(run, model, tokenizer, calibration, train_batches, qlora, tokens, budget, device, meta,
                       args.new_tokens)
         rows[row['label']] = row
         speed = f"{row['decode_tokens_per_s']:6.1f} tok/s" if 'decode_tokens_per_s' in row else ''
