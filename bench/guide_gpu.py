@@ -11,8 +11,9 @@ whole of *Pride and Prejudice* at context 1024 under budget 'full'):
 - quantization seconds (device synchronized; for GGUF, writing the file on the host's CPU, as llama.cpp's quantizer
   runs there), peak GPU memory (`max_memory_allocated`, reset per row);
 - decode tokens/s: greedy `generate` of 128 new tokens after a 32-token prompt, batch 1, KV cache, eager, median of 3
-  after a warm-up, with the layers' own forward (each dequantizes its weight in torch per call: chapter 09's kernels
-  are not wired into the layers yet, so these are not the kernels' speeds). Not measured for GGUF rows (the file is
+  after a warm-up, with the layers' own forward (each dequantizes its weight per call, NF4 and FP4 by chapter 07's
+  fused Triton kernel, the rest in torch: chapter 09's kernels are not wired into the layers yet, so these are not
+  the kernels' speeds). Not measured for GGUF rows (the file is
   read back by transformers into float weights; llama.cpp's speed is its own).
 Rows:
 - float; RTN, GPTQ (act order, static groups), AWQ (scales, the registered defaults), AWQ then GPTQ, HQQ, rotation
@@ -181,7 +182,7 @@ def main(argv=None):
                   matmul='float32 (TF32 off)', eval_text=EVALUATION_NOVEL, train_texts=list(CALIBRATION_NOVELS),
                   calibration=f'{budget.calib_samples} x {budget.calib_seq_len} tokens of the other five novels, seed 0',
                   decode=f'greedy generate, batch 1, {args.new_tokens} new tokens after 32, KV cache, eager, '
-                         'median of 3 after a warm-up; the layers dequantize in torch per call',
+                         'median of 3 after a warm-up; the layers dequantize per call (NF4/FP4: fused Triton, else torch)',
                   model_blocks=2 if args.quick else 'all')
     previous = json.loads(out.read_text()) if out.exists() else {}
     same = all(previous.get(k) == header[k] for k in ('device', 'budget', 'quick'))
