@@ -30,6 +30,7 @@ Calibration (GPTQ, AWQ, SmoothQuant): 128 x 2048 tokens of the other five novels
 
     python bench/guide_gpu.py                     # everything, ~15 minutes on one H100 (estimate)
     python bench/guide_gpu.py --only 'GPTQ INT4 g64' --out x.json   # a subset; rows merge by label
+    python bench/guide_gpu.py --only 'RTN INT3 g64' --no-decode   # no decode timing (~45 s a row saved)
     python bench/guide_gpu.py --quick             # two blocks, tiny data, anywhere: shows the script works
 """
 from __future__ import annotations
@@ -140,7 +141,7 @@ def build(run, float_model, tokenizer, calibration, train_batches, qlora: dict, 
 
 
 def run_row(run, float_model, tokenizer, calibration, train_batches, qlora: dict, tokens, budget, device, meta,
-            new_tokens: int) -> dict:
+            new_tokens: int, decode: bool = True) -> dict:
     "Build one row's model, measure it; its row."
     label, family, kind, method, settings = run
     if device.type == 'cuda': torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
@@ -152,7 +153,7 @@ def run_row(run, float_model, tokenizer, calibration, train_batches, qlora: dict
     start = time.perf_counter()
     kl = kl_to_reference(model, float_model, tokens, context=budget.context, progress=False)
     eval_seconds = time.perf_counter() - start
-    speed = decode_speed(model, tokenizer, device, new_tokens) if kind != 'gguf' else {}
+    speed = decode_speed(model, tokenizer, device, new_tokens) if kind != 'gguf' and decode else {}
     row = dict(label=label, family=family, kind=kind, method=method, settings=settings,
                bits=settings.get('bits'), perplexity=kl['perplexity'], kl=kl['kl'], same_top=kl['same_top'],
                float_perplexity=kl['reference_perplexity'], eval_tokens=kl['tokens'], **extra,
@@ -167,6 +168,8 @@ def main(argv=None):
     parser.add_argument('--only', nargs='+', default=None, help='labels of the rows to run (default: all)')
     parser.add_argument('--out', default=None, help=f'default: {DEFAULT_OUT}; with --quick, the temporary folder')
     parser.add_argument('--new-tokens', type=int, default=128, help='tokens generated per decode measurement')
+    parser.add_argument('--no-decode', action='store_true',
+                        help='skip the decode timing (for rows whose layer class another row already times)')
     parser.add_argument('--quick', action='store_true', help='two blocks, tiny data: shows the script works')
     args = parser.parse_args(argv)
     out = Path(args.out or (Path(tempfile.gettempdir()) / 'guide_gpu.quick.json' if args.quick else DEFAULT_OUT))
@@ -198,7 +201,7 @@ def main(argv=None):
     tokens = eval_tokens(tokenizer, budget.eval_tokens)
     for run in chosen:
         row = run_row(run, model, tokenizer, calibration, train_batches, qlora, tokens, budget, device, meta,
-                      args.new_tokens)
+                      args.new_tokens, decode=not args.no_decode)
         rows[row['label']] = row
         speed = f"{row['decode_tokens_per_s']:6.1f} tok/s" if 'decode_tokens_per_s' in row else ''
         print(f"{row['label']:32s} {row['bits_per_weight']:6.3f} bits  ppl {row['perplexity']:10.3f}  "
