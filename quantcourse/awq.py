@@ -25,7 +25,7 @@ from . import gptq  # registers 'gptq', which 'awq_gptq' builds on
 __all__ = ['CLIP_SKIPPED', 'AWQ_SETTINGS', 'channel_means', 'activation_means', 'awq_scales',
           'weight_means', 'ScaleGroup', 'scale_groups', 'fold_group', 'Replay', 'record_block',
           'onednn_linear', 'onednn_linears', 'input_gram', 'gram_losses', 'grid_losses',
-          'search_scale', 'search_clip', 'apply_clip', 'awq_block', 'awq_model']
+          'search_scale', 'search_clip', 'apply_clip', 'awq_block', 'first_output', 'awq_model']
 
 # %% ../nbs/05_awq.ipynb #dfec5ea2
 def channel_means(x: torch.Tensor, # a layer's inputs, (..., in_features)
@@ -363,6 +363,16 @@ def awq_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, # a block, i
     return folded
 
 # %% ../nbs/05_awq.ipynb #b645ca0f
+@contextmanager
+def first_output(module: nn.Module):
+    "Inside the `with`: a list that gets the hidden states `module` outputs on its first call."
+    kept = []
+    def hook(m, args, out):
+        if not kept: kept.append(out[0] if isinstance(out, tuple) else out)
+    handle = module.register_forward_hook(hook)
+    try: yield kept
+    finally: handle.remove()
+
 @torch.no_grad()
 def awq_model(model, calibration: torch.Tensor, # (n_samples, seq_len) token ids
               progress: bool = True, **settings) -> list[dict]:
@@ -370,11 +380,15 @@ def awq_model(model, calibration: torch.Tensor, # (n_samples, seq_len) token ids
     from tqdm.auto import tqdm
     prefix, blocks = decoder_blocks(model)
     hidden, kwargs = block_inputs(model, calibration)
-    folded = []
+    folded, structures = [], {}  # blocks of one class share their linear groups: found once
     for i in tqdm(range(len(blocks)), desc='AWQ', leave=False, disable=not progress):
-        output = run_block(blocks[i], hidden, kwargs[i])  # the next block's input: float model's
-        folded.append(awq_block(blocks[i], hidden, kwargs[i], name=f'{prefix}.{i}', **settings))
-        hidden = output
+        key = (type(blocks[i]), tuple(linear_names(blocks[i])))
+        if key not in structures: structures[key] = linear_groups(blocks[i], hidden, kwargs[i])
+        # the block's first pass in awq_block is on its float weights: the next block's input
+        with first_output(blocks[i]) as output:
+            folded.append(awq_block(blocks[i], hidden, kwargs[i], groups=structures[key],
+                                    name=f'{prefix}.{i}', **settings))
+        hidden = output[0]
     return folded
 
 # %% ../nbs/05_awq.ipynb #7d1a3d2f
