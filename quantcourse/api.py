@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from .core import (METHODS, QuantizedLinear, decoder_blocks, block_inputs, run_block,
-                              linear_groups,
+                              linear_groups, shared_linear_groups,
                               linear_names, layer_classes, load_model, calibration_shards)
 # importing a method's module registers it
 from . import scales, outliers, gptq, awq, gguf, nf4, below4
@@ -293,16 +293,15 @@ def _quantize_blocks(model, blocks, prefix, targets, spec, settings, calibration
         if calibration is None: _quantize_block(work, targets[i], spec, settings, full_name, rows)
         else:  # blocks of one class share their structure: find which linears share an input once
             x, block_kwargs = there(hidden), there(kwargs[i])
-            key = (type(work), tuple(linear_names(work)))
-            if key not in structures: structures[key] = linear_groups(work, x, block_kwargs)
+            groups = shared_linear_groups(work, x, block_kwargs, structures)
             folded, original = None, None
             if spec.prepare_block:
                 original = copy.deepcopy(work)
-                options = dict(settings, groups=structures[key], name=f'{prefix}.{i}')
+                options = dict(settings, groups=groups, name=f'{prefix}.{i}')
                 folded = spec.prepare_block(work, x, block_kwargs,
                                             **_accepted(spec.prepare_block, options))
             hidden = back(_quantize_block(work, targets[i], spec, settings, full_name, rows, x,
-                                          block_kwargs, structures[key], folded, original))
+                                          block_kwargs, groups, folded, original))
             del x, block_kwargs, original, folded  # off the device before the next block comes
         done[i] = work if device is None else work.to(home_device(blocks[i]))
     return rows, done

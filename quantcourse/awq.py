@@ -13,7 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 import torch
 from torch import nn
-from .core import (linear_names, linear_groups, decoder_blocks, block_inputs, run_block,
+from .core import (linear_names, linear_groups, shared_linear_groups, decoder_blocks,
+                              block_inputs, run_block,
                               check_int, check_tensor,
                               QuantizedLinear, Method, METHODS, register_method,
                               sharded, sum_shards, shard_span)
@@ -382,11 +383,10 @@ def awq_model(model, calibration: torch.Tensor, # (n_samples, seq_len) token ids
     hidden, kwargs = block_inputs(model, calibration)
     folded, structures = [], {}  # blocks of one class share their linear groups: found once
     for i in tqdm(range(len(blocks)), desc='AWQ', leave=False, disable=not progress):
-        key = (type(blocks[i]), tuple(linear_names(blocks[i])))
-        if key not in structures: structures[key] = linear_groups(blocks[i], hidden, kwargs[i])
+        groups = shared_linear_groups(blocks[i], hidden, kwargs[i], structures)
         # the block's first pass in awq_block is on its float weights: the next block's input
         with first_output(blocks[i]) as output:
-            folded.append(awq_block(blocks[i], hidden, kwargs[i], groups=structures[key],
+            folded.append(awq_block(blocks[i], hidden, kwargs[i], groups=groups,
                                     name=f'{prefix}.{i}', **settings))
         hidden = output[0]
     return folded

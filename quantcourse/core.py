@@ -24,10 +24,10 @@ __all__ = ['BUDGETS', 'MODEL_PACKAGE', 'MODEL_NAME', 'INSTALL_MODEL', 'NOVELS', 
           'window_logits', 'kl_to_reference', 'linear_names', 'capture_inputs', 'replace_linears',
           'model_size_bytes', 'check_int', 'check_number', 'check_choice', 'check_tensor',
           'decoder_blocks', 'block_inputs', 'run_block', 'LinearGroup', 'linear_groups',
-          'QuantizedLinear', 'stored_bits', 'model_bits', 'dequantized_copy', 'Method',
-          'register_method', 'layer_classes', 'calibration_shards', 'sharded', 'sum_shards',
-          'shard_span', 'in_kernel', 'FrameSlider', 'generate', 'evaluate', 'results_dir',
-          'record_results', 'result_row']
+          'shared_linear_groups', 'QuantizedLinear', 'stored_bits', 'model_bits',
+          'dequantized_copy', 'Method', 'register_method', 'layer_classes', 'calibration_shards',
+          'sharded', 'sum_shards', 'shard_span', 'in_kernel', 'FrameSlider', 'generate', 'evaluate',
+          'results_dir', 'record_results', 'result_row']
 
 # %% ../nbs/00_core.ipynb #8d910e71
 def course_root() -> Path|None:
@@ -533,6 +533,14 @@ def linear_groups(block, hidden: torch.Tensor, kwargs: dict) -> list[LinearGroup
     finally:
         for h in handles: h.remove()
     return list(groups.values())
+
+def shared_linear_groups(block, hidden: torch.Tensor, kwargs: dict,
+                         found: dict, # filled here: blocks of one class share their groups
+                        ) -> list[LinearGroup]:
+    "`linear_groups` of `block`, traced once per block class and set of linear names."
+    key = (type(block), tuple(linear_names(block)))
+    if key not in found: found[key] = linear_groups(block, hidden, kwargs)
+    return found[key]
 
 # %% ../nbs/00_core.ipynb #3bc21cdd
 def _config_tensor(config: dict) -> torch.Tensor:
