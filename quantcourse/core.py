@@ -17,17 +17,18 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['BUDGETS', 'MODEL_PACKAGE', 'MODEL_NAME', 'INSTALL_MODEL', 'NOVELS', 'TEXT_PACKAGE',
-          'EVALUATION_NOVEL', 'CALIBRATION_NOVELS', 'METHODS', 'course_root', 'cache_dir',
-          'default_device', 'Budget', 'get_budget', 'bundled_gguf', 'load_model',
+          'EVALUATION_NOVEL', 'CALIBRATION_NOVELS', 'KERNELS', 'METHODS', 'course_root',
+          'cache_dir', 'default_device', 'Budget', 'get_budget', 'bundled_gguf', 'load_model',
           'import_bitsandbytes', 'text_dir', 'fetch_text', 'unwrap', 'load_text', 'tokenize_text',
           'eval_tokens', 'calibration_samples', 'token_nll', 'perplexity', 'naive_perplexity',
           'window_logits', 'kl_to_reference', 'linear_names', 'capture_inputs', 'replace_linears',
           'model_size_bytes', 'check_int', 'check_number', 'check_choice', 'check_tensor',
           'decoder_blocks', 'block_inputs', 'run_block', 'LinearGroup', 'linear_groups',
           'shared_linear_groups', 'QuantizedLinear', 'stored_bits', 'model_bits',
-          'dequantized_copy', 'Method', 'register_method', 'layer_classes', 'calibration_shards',
-          'sharded', 'sum_shards', 'shard_span', 'in_kernel', 'FrameSlider', 'generate', 'evaluate',
-          'results_dir', 'record_results', 'result_row']
+          'dequantized_copy', 'register_kernel', 'use_kernels', 'kernel_output', 'Method',
+          'register_method', 'layer_classes', 'calibration_shards', 'sharded', 'sum_shards',
+          'shard_span', 'in_kernel', 'FrameSlider', 'generate', 'evaluate', 'results_dir',
+          'record_results', 'result_row']
 
 # %% ../nbs/00_core.ipynb #8d910e71
 def course_root() -> Path|None:
@@ -602,7 +603,8 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"{name} must have {self.in_features} features in its last "
                              f"dimension, got shape {tuple(x.shape)}")
         if x.numel() == 0: return x.new_zeros(*x.shape[:-1], self.out_features)
-        return self.compute(x)
+        out = kernel_output(self, x)  # a registered kernel's, or None
+        return self.compute(x) if out is None else out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         saved = state_dict.get(prefix + 'qconfig')
@@ -640,6 +642,36 @@ def dequantized_copy(model):
              and m.weight_only]
     replace_linears(copy_, plain, names)
     return copy_
+
+# %% ../nbs/00_core.ipynb #43d77d1c
+# (layer class, device type) -> kernel(layer, x): the layer's output, or None where it cannot run x
+KERNELS: dict = {}
+_kernels_on = contextvars.ContextVar('kernels_on', default=True)
+
+def register_kernel(layer_class: type, device_type: str, kernel) -> None:
+    "Let `forward` of `layer_class` layers try `kernel(layer, x)` on `device_type` before `compute`."
+    if not (isinstance(layer_class, type) and issubclass(layer_class, QuantizedLinear)):
+        raise TypeError(f"layer_class must be a subclass of QuantizedLinear, got {layer_class!r}")
+    if not isinstance(device_type, str) or ':' in device_type:
+        raise ValueError(f"device_type must be a device type such as 'cuda' (no index), got "
+                         f"{device_type!r}")
+    if not callable(kernel): raise TypeError(f"kernel must be callable, got {kernel!r}")
+    KERNELS[(layer_class, device_type)] = kernel
+
+@contextlib.contextmanager
+def use_kernels(enabled: bool = True):
+    "Within the block, quantized layers try their registered kernels (with False: never)."
+    token = _kernels_on.set(bool(enabled))
+    try: yield
+    finally: _kernels_on.reset(token)
+
+def kernel_output(layer, x: torch.Tensor) -> torch.Tensor|None:
+    "The registered kernel's output for `x`, or None: no kernel, switched off, or autograd needs it."
+    kernel = KERNELS.get((type(layer), x.device.type))
+    if kernel is None or not _kernels_on.get(): return None
+    if torch.is_grad_enabled() and x.requires_grad: return None  # kernels have no backward
+    return kernel(layer, x)
+
 
 # %% ../nbs/00_core.ipynb #bc847308
 @dataclass

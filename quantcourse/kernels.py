@@ -12,18 +12,20 @@ import functools, math
 from dataclasses import dataclass
 import torch
 from .scales import QuantizedWeight, QuantLinear, pack
-from .gptq import GPTQWeight
-from .nf4 import Weight4bit, code_book, dynamic_code, NESTED_BLOCKSIZE
-from .core import check_tensor
+from .gptq import GPTQWeight, GPTQLinear
+from .nf4 import Weight4bit, NF4Linear, code_book, dynamic_code, NESTED_BLOCKSIZE
+from .core import check_tensor, register_kernel
 from .outliers import RowwiseInt8Weight, W8A8Linear
 
 # %% auto #0
-__all__ = ['SM_COUNT', 'CANDIDATE_CONFIGS', 'ACTIVATION_DTYPES', 'FP8_MAX', 'matmul_traffic',
-          'arithmetic_intensity', 'attainable_flops', 'ridge_point', 'Int4Weight', 'prepare_int4',
-          'interpreted', 'next_power_of_2', 'sm_count', 'pick_config', 'check_kernel_input',
-          'launch', 'full_config', 'int4_matmul', 'relative_error', 'nf4_matmul', 'prepare_int8',
-          'row_scaled_parts', 'w8a16_matmul', 'quantize_fp8_rows', 'FP8Weight',
-          'quantize_fp8_weight', 'token_scales', 'w8a8_config', 'w8a8_matmul']
+__all__ = ['SM_COUNT', 'CANDIDATE_CONFIGS', 'ACTIVATION_DTYPES', 'FP8_MAX', 'MAX_KERNEL_ROWS',
+          'LAYER_KERNELS', 'matmul_traffic', 'arithmetic_intensity', 'attainable_flops',
+          'ridge_point', 'Int4Weight', 'prepare_int4', 'interpreted', 'next_power_of_2', 'sm_count',
+          'pick_config', 'check_kernel_input', 'launch', 'full_config', 'int4_matmul',
+          'relative_error', 'nf4_matmul', 'prepare_int8', 'row_scaled_parts', 'w8a16_matmul',
+          'quantize_fp8_rows', 'FP8Weight', 'quantize_fp8_weight', 'token_scales', 'w8a8_config',
+          'w8a8_matmul', 'buffer_key', 'prepared', 'prepare_int4_layer', 'int4_layer_kernel',
+          'nf4_layer_kernel', 'w8a8_layer_kernel', 'register_layer_kernels']
 
 # %% ../nbs/09_kernels.ipynb #c4efb42b
 def matmul_traffic(batch: int, out_features: int, in_features: int,
@@ -639,3 +641,62 @@ def w8a8_matmul(x: torch.Tensor, # (..., in_features), float16 or bfloat16, cont
     out = launch(_w8a8_matmul_kernel, x, N, (scales, codes, factor), config, W_DIVISOR=divisor,
                  FP8=fp8, ROUND_FP8=fp8 and interpreted(), GROUP_M=8)
     return out if bias is None else out + bias.to(out.dtype)
+
+# %% ../nbs/09_kernels.ipynb #5e13cd8a
+MAX_KERNEL_ROWS = 64  # more rows: dequantize once and let cuBLAS multiply (the reference path)
+
+def buffer_key(layer) -> tuple:
+    "Where each of `layer`'s own buffers lives and how often it was written: changes when one does."
+    def version(tensor):
+        try: return tensor._version
+        except RuntimeError: return -1  # a tensor made in inference mode keeps no count
+    return tuple((b.data_ptr(), version(b)) for b in layer.buffers(recurse=False))
+
+def prepared(layer, prepare):
+    "`prepare(layer)`, kept on the layer and made again once one of its buffers changes or moves."
+    key, kept = buffer_key(layer), layer.__dict__.get('kernel_weight')
+    if kept is None or kept[0] != key:
+        kept = layer.__dict__['kernel_weight'] = (key, prepare(layer))
+    return kept[1]
+
+def prepare_int4_layer(layer: QuantLinear) -> Int4Weight:
+    "`prepare_int4(layer)`, reading the layer's own packed codes where they fit (asymmetric)."
+    weight = prepare_int4(layer)
+    if not layer.symmetric:  # codes 0..15, packed as the kernel reads them: no copy
+        rows, columns = layer.out_features, layer.in_features
+        weight.packed = layer.qweight[:rows * columns // 2].view(rows, columns // 2)
+    return weight
+
+
+# %% ../nbs/09_kernels.ipynb #d0510075
+def int4_layer_kernel(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor|None:
+    "A 4-bit `QuantLinear`'s or `GPTQLinear`'s output by `int4_matmul`; None where it does not apply."
+    if (triton is None or layer.bits != 4 or layer.group_size == 'tensor' or layer.in_features % 2
+            or x.dtype not in ACTIVATION_DTYPES or x.numel() // x.shape[-1] > MAX_KERNEL_ROWS):
+        return None
+    return int4_matmul(x.contiguous(), prepared(layer, prepare_int4_layer), layer.bias)
+
+def nf4_layer_kernel(layer: NF4Linear, x: torch.Tensor) -> torch.Tensor|None:
+    "An `NF4Linear`'s output by `nf4_matmul` in its compute dtype; None where it does not apply."
+    dtype = layer.compute_dtype or x.dtype
+    if (triton is None or dtype not in ACTIVATION_DTYPES or layer.in_features % 2
+            or x.numel() // x.shape[-1] > MAX_KERNEL_ROWS):
+        return None
+    bias = None if layer.bias is None else layer.bias.to(dtype)
+    return nf4_matmul(x.to(dtype).contiguous(), layer.weight(), bias).to(x.dtype)
+
+def w8a8_layer_kernel(layer: W8A8Linear, x: torch.Tensor) -> torch.Tensor|None:
+    "A per-token `W8A8Linear`'s output by the fused `w8a8_matmul`; None where it does not apply."
+    if triton is None or layer.granularity != 'token' or x.dtype not in ACTIVATION_DTYPES:
+        return None
+    return w8a8_matmul(x.contiguous(), prepared(layer, prepare_int8), layer.bias)
+
+LAYER_KERNELS = {QuantLinear: int4_layer_kernel, GPTQLinear: int4_layer_kernel,
+                 NF4Linear: nf4_layer_kernel, W8A8Linear: w8a8_layer_kernel}
+
+def register_layer_kernels(device_type: str = 'cuda') -> None:
+    "Register this module's kernels for the layers of `LAYER_KERNELS` on `device_type`."
+    for layer_class, kernel in LAYER_KERNELS.items(): register_kernel(layer_class, device_type, kernel)
+
+if triton is not None: register_layer_kernels('cuda')
+
