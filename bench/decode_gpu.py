@@ -7,7 +7,8 @@ Parts, chosen with --only:
   quantization and a bfloat16 compute dtype, per-token `W8A8Linear`), on two of Llama-3-8B's shapes (4096x4096 and
   14336x4096), float16 and bfloat16, 1, 16 and 64 rows (W8A8 also 2048): the layer's output with the kernels
   (`kernel_output`, which must not be None) against the same layer inside `use_kernels(False)` (its `compute`,
-  dequantize-then-`F.linear`); the relative error must be under 2e-3 (float16) / 1.5e-2 (bfloat16). Also the
+  dequantize-then-`F.linear`); the relative error must be under 2e-3 (float16) / 1.5e-2 (bfloat16), by the dtype
+  the layer computes in (NF4's compute dtype, else x's). Also the
   whole decoder's logits for one step with and without the kernels. Then the time of one layer's forward both ways.
 - decode: greedy decoding tokens/s of the decoder (Llama-3-8B's shapes: 32 blocks, hidden 4096, MLP 14336, 32 query
   and 8 key/value heads of 128, vocabulary 128,256; random weights; a static KV cache of 1,024 positions; one
@@ -197,7 +198,9 @@ def part_check(result, c, device, quick, save):
                     with use_kernels(False): expected = layer(x)
                 ran = out is not None
                 error = relative_error(out.float(), expected.float()) if ran else None
-                ok = ran and error < TOLERANCE[dtype]
+                # NF4 computes in its compute dtype (bfloat16 here), whatever x's dtype
+                compute = getattr(layer, 'compute_dtype', None) or dtype
+                ok = ran and error < TOLERANCE[compute]
                 row = dict(layer=label, dtype=str(dtype)[6:], rows=m, kernel_ran=ran, relative_error=error, ok=ok)
                 if ran and m in (1, 16):
                     with torch.no_grad():

@@ -42,7 +42,7 @@ already there when the card is the same, so that parts can run in separate calls
 measure) to show that the script works; it writes offload_gpu.quick.json in the temporary folder.
 """
 from __future__ import annotations
-import argparse, copy, json, sys, tempfile, time
+import argparse, copy, json, os, sys, tempfile, time
 from pathlib import Path
 import torch
 
@@ -205,7 +205,9 @@ def main(argv=None):
     for part in [p for p in args.only if p != 'check']:
         method, blocks = part.rstrip('0123456789'), int(part.lstrip('gptqaw'))
         extra = dict(grid=args.awq_grid) if method == 'awq' else {}
-        row = measure(method, blocks, device, args.quick, extra) | dict(commit=meta['commit'], recorded=meta['recorded'])
+        row = measure(method, blocks, device, args.quick, extra) | dict(
+            commit=meta['commit'], recorded=meta['recorded'],
+            allocator=os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))  # e.g. expandable_segments:True
         rows[(label(row), blocks)] = row; save()
         print(f"{method} {blocks} blocks: {row['seconds']:8.1f} s ({row['seconds_per_block']:.1f} s per block), "
               f"peak GPU {row['peak_gpu_gib']} GiB, stack built in {row['build_seconds']} s", flush=True)

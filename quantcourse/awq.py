@@ -25,8 +25,9 @@ from . import gptq  # registers 'gptq', which 'awq_gptq' builds on
 # %% auto #0
 __all__ = ['CLIP_SKIPPED', 'AWQ_SETTINGS', 'channel_means', 'activation_means', 'awq_scales',
           'weight_means', 'ScaleGroup', 'scale_groups', 'fold_group', 'Replay', 'record_block',
-          'onednn_linear', 'onednn_linears', 'input_gram', 'gram_losses', 'grid_losses',
-          'search_scale', 'search_clip', 'apply_clip', 'awq_block', 'first_output', 'awq_model']
+          'onednn_linear', 'onednn_linears', 'input_gram', 'gram_losses', 'chunked_gram_losses',
+          'grid_losses', 'search_scale', 'search_clip', 'apply_clip', 'awq_block', 'first_output',
+          'awq_model']
 
 # %% ../nbs/05_awq.ipynb #dfec5ea2
 def channel_means(x: torch.Tensor, # a layer's inputs, (..., in_features)
@@ -200,11 +201,15 @@ def onednn_linears(module: nn.Module):
         for m in linears: del m.forward
 
 # %% ../nbs/05_awq.ipynb #453562ec
+def _gpu_room(device) -> float:
+    "Bytes free on a CUDA device, counting what torch has reserved but not handed out."
+    unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return torch.cuda.mem_get_info(device)[0] + unused
+
 def _alpha_batch(tokens: int, width: int, alphas: int, device) -> int:
     "Alphas per call: on a GPU as many as fit in 1/4 of free memory; on a CPU one (it is faster)."
     if torch.device(device).type != 'cuda': return 1
-    room = torch.cuda.mem_get_info(device)[0] / 4
-    return max(1, min(alphas, int(room // (16 * tokens * width))))
+    return max(1, min(alphas, int(_gpu_room(device) / 4 // (16 * tokens * width))))
 
 def input_gram(x: torch.Tensor, # a linear's inputs, (..., in_features)
               ) -> torch.Tensor:
@@ -218,6 +223,14 @@ def gram_losses(gram: torch.Tensor, # `input_gram` of the inputs
     "Each candidate's mean of (x delta^T)^2 over inputs and outputs: sum((delta G) * delta) / out."
     return (onednn_linear(delta, gram) * delta).sum((1, 2)).div(delta.shape[1]).tolist()
 
+def chunked_gram_losses(gram: torch.Tensor, weight: torch.Tensor, # the float weight, (out, in)
+                        candidates: list, # weights to try, each (out, in)
+                        per_call: int) -> list[float]:
+    "`gram_losses` of each candidate's change from `weight`, `per_call` candidates at a time."
+    return [loss for start in range(0, len(candidates), per_call)
+            for loss in gram_losses(gram, torch.stack(candidates[start:start + per_call]).float()
+                                    - weight)]
+
 @torch.no_grad()
 def grid_losses(replay: Replay,
                 linears: dict, # {name inside replay.module ('' for the module itself): nn.Linear}
@@ -226,8 +239,11 @@ def grid_losses(replay: Replay,
     "Mean squared error of `replay`'s output with each set of `weights`, several alphas per call."
     target = replay.output.float()
     if list(linears) == ['']:  # a lone linear: its mean squared error is a quadratic form in W
-        delta = torch.stack([w[''] for w in weights]).float() - linears[''].weight.float()
-        return gram_losses(input_gram(replay.args[0]), delta)
+        weight = linears[''].weight.float()
+        per_call = len(weights)  # on a GPU, as many as fit: 8 bytes a weight (change, product)
+        if weight.is_cuda: per_call = int(_gpu_room(weight.device) / 4 // (8 * weight.numel()))
+        return chunked_gram_losses(input_gram(replay.args[0]), weight, [w[''] for w in weights],
+                                   max(1, min(len(weights), per_call)))
     key = lambda name: f'{name}.weight' if name else 'weight'
     width = max(l.out_features for l in linears.values())
     batch = _alpha_batch(target.numel() // target.shape[-1], width, len(weights), target.device)

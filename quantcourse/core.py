@@ -24,11 +24,10 @@ __all__ = ['BUDGETS', 'MODEL_PACKAGE', 'MODEL_NAME', 'INSTALL_MODEL', 'NOVELS', 
           'window_logits', 'kl_to_reference', 'linear_names', 'capture_inputs', 'replace_linears',
           'model_size_bytes', 'check_int', 'check_number', 'check_choice', 'check_tensor',
           'decoder_blocks', 'block_inputs', 'run_block', 'LinearGroup', 'linear_groups',
-          'shared_linear_groups', 'QuantizedLinear', 'stored_bits', 'model_bits',
-          'dequantized_copy', 'register_kernel', 'use_kernels', 'kernel_output', 'Method',
-          'register_method', 'layer_classes', 'calibration_shards', 'sharded', 'sum_shards',
-          'shard_span', 'in_kernel', 'FrameSlider', 'generate', 'evaluate', 'results_dir',
-          'record_results', 'result_row']
+          'shared_linear_groups', 'kernel_output', 'QuantizedLinear', 'stored_bits', 'model_bits',
+          'dequantized_copy', 'register_kernel', 'use_kernels', 'Method', 'register_method',
+          'layer_classes', 'calibration_shards', 'sharded', 'sum_shards', 'shard_span', 'in_kernel',
+          'FrameSlider', 'generate', 'evaluate', 'results_dir', 'record_results', 'result_row']
 
 # %% ../nbs/00_core.ipynb #8d910e71
 def course_root() -> Path|None:
@@ -544,6 +543,18 @@ def shared_linear_groups(block, hidden: torch.Tensor, kwargs: dict,
     return found[key]
 
 # %% ../nbs/00_core.ipynb #3bc21cdd
+# (layer class, device type) -> kernel(layer, x): the layer's output, or None where it cannot run
+# x; `register_kernel` and `use_kernels` below explain and fill it
+KERNELS: dict = {}
+_kernels_on = contextvars.ContextVar('kernels_on', default=True)
+
+def kernel_output(layer, x: torch.Tensor) -> torch.Tensor|None:
+    "The registered kernel's output for `x`, or None: no kernel, switched off, or autograd needs it."
+    kernel = KERNELS.get((type(layer), x.device.type))
+    if kernel is None or not _kernels_on.get(): return None
+    if torch.is_grad_enabled() and x.requires_grad: return None  # kernels have no backward
+    return kernel(layer, x)
+
 def _config_tensor(config: dict) -> torch.Tensor:
     "A JSON dict as a uint8 tensor (so that it travels in a state_dict and in safetensors)."
     return torch.tensor(list(json.dumps(config, sort_keys=True).encode()), dtype=torch.uint8)
@@ -644,10 +655,6 @@ def dequantized_copy(model):
     return copy_
 
 # %% ../nbs/00_core.ipynb #43d77d1c
-# (layer class, device type) -> kernel(layer, x): the layer's output, or None where it cannot run x
-KERNELS: dict = {}
-_kernels_on = contextvars.ContextVar('kernels_on', default=True)
-
 def register_kernel(layer_class: type, device_type: str, kernel) -> None:
     "Let `forward` of `layer_class` layers try `kernel(layer, x)` on `device_type` before `compute`."
     if not (isinstance(layer_class, type) and issubclass(layer_class, QuantizedLinear)):
@@ -664,13 +671,6 @@ def use_kernels(enabled: bool = True):
     token = _kernels_on.set(bool(enabled))
     try: yield
     finally: _kernels_on.reset(token)
-
-def kernel_output(layer, x: torch.Tensor) -> torch.Tensor|None:
-    "The registered kernel's output for `x`, or None: no kernel, switched off, or autograd needs it."
-    kernel = KERNELS.get((type(layer), x.device.type))
-    if kernel is None or not _kernels_on.get(): return None
-    if torch.is_grad_enabled() and x.requires_grad: return None  # kernels have no backward
-    return kernel(layer, x)
 
 
 # %% ../nbs/00_core.ipynb #bc847308

@@ -512,3 +512,75 @@ def test_eight_bit_kernels_compile_for_hopper():
         assert report[f'w8a16 {dtype} False 8']['mma'] == [] and report[f'w8a16 {dtype} True 1']['mma']
         assert any('s8' in i for i in report[f'w8a8 {dtype} int8']['mma']), report[f'w8a8 {dtype} int8']
         assert any('e4m3' in i for i in report[f'w8a8 {dtype} fp8']['mma']), report[f'w8a8 {dtype} fp8']
+
+
+LAYER_SCRIPT = r'''
+import json, torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+from quantcourse.core import KERNELS, kernel_output, use_kernels
+from quantcourse.api import quantize_model
+from quantcourse.kernels import LAYER_KERNELS, register_layer_kernels, relative_error
+from quantcourse.scales import QuantLinear
+from quantcourse.nf4 import NF4Linear
+from quantcourse.outliers import W8A8Linear
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+if device == 'cpu': register_layer_kernels('cpu')  # the interpreter runs them on CPU tensors
+torch.manual_seed(0)
+linear = nn.Linear(128, 48).to(device)
+errors, declined = {}, {}
+for label, layer, dtype in [('int4', QuantLinear.from_linear(linear, 4, 32), torch.float16),
+                            ('nf4', NF4Linear.from_linear(linear, 64, 'nf4', True, torch.bfloat16), torch.float32),
+                            ('w8a8', W8A8Linear.from_linear(linear), torch.bfloat16)]:
+    x = torch.randn(3, 128, device=device).to(dtype)
+    out = kernel_output(layer, x)
+    with use_kernels(False): expected = layer(x)
+    errors[label] = relative_error(out.float().cpu(), expected.float().cpu())
+declined['float32'] = kernel_output(QuantLinear.from_linear(linear, 4, 32), torch.randn(2, 128, device=device)) is None
+declined['65 rows'] = kernel_output(QuantLinear.from_linear(linear, 4, 32),
+                                    torch.randn(65, 128, device=device).half()) is None
+x = torch.randn(2, 128, device=device, dtype=torch.float16, requires_grad=True)
+declined['autograd'] = QuantLinear.from_linear(linear, 4, 32)(x).grad_fn is not None
+# a whole model quantized by quantize_model, in float16: logits with and without the kernels
+config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+model = LlamaForCausalLM(config).eval()
+quantize_model(model, 'rtn', bits=4, group_size=32, progress=False)
+model = model.half().to(device)
+tokens = torch.randint(0, 64, (1, 5), device=device)
+with torch.no_grad():
+    on = model(tokens).logits
+    with use_kernels(False): off = model(tokens).logits
+errors['model logits'] = relative_error(on.float().cpu(), off.float().cpu())
+print(json.dumps(dict(errors=errors, declined=declined)))
+'''
+
+
+def test_layers_run_their_kernels():
+    "Every registered layer kind's kernel output matches its compute; declined inputs; a quantize_model model."
+    result = run_kernels(LAYER_SCRIPT)
+    tolerance = dict(int4=2e-3, nf4=1.5e-2, w8a8=1.5e-2)
+    for label, error in result['errors'].items():
+        assert error < tolerance.get(label, 1e-2), (label, error)
+    assert all(result['declined'].values()), result['declined']
+
+
+def test_prepared_is_kept_and_remade():
+    "The kernel's form of a layer's weight is made once, shares asymmetric codes, and is remade after a change."
+    from quantcourse.kernels import prepared, prepare_int4_layer
+    layer = QuantLinear.from_linear(torch.nn.Linear(256, 48), 4, 64)
+    kept = prepared(layer, prepare_int4_layer)
+    assert prepared(layer, prepare_int4_layer) is kept
+    assert kept.packed.data_ptr() == layer.qweight.data_ptr()
+    torch.testing.assert_close(kept.dequantize(), layer.weight().dequantize(), rtol=0, atol=0)
+    layer.load_state_dict(QuantLinear.from_linear(torch.nn.Linear(256, 48), 4, 64).state_dict())
+    again = prepared(layer, prepare_int4_layer)
+    assert again is not kept
+    torch.testing.assert_close(again.dequantize(), layer.weight().dequantize(), rtol=0, atol=0)
+
+
+def test_no_kernel_for_the_cpu():
+    "Importing the library registers kernels for CUDA only: on a CPU every layer runs its compute."
+    import quantcourse.api  # noqa: F401  (imports the kernels module)
+    from quantcourse.core import KERNELS
+    assert not [key for key in KERNELS if key[1] == 'cpu']
