@@ -16,7 +16,7 @@ from torch import nn
 from .core import (METHODS, QuantizedLinear, decoder_blocks, block_inputs, run_block,
                               linear_groups, shared_linear_groups,
                               linear_names, layer_classes, load_model, calibration_shards)
-# importing a method's module registers it; kernels registers chapter 09's CUDA kernels for its layers
+# importing a method's module registers it; `kernels` registers chapter 09's CUDA kernels
 from . import scales, outliers, gptq, awq, gguf, nf4, below4, kernels
 
 # %% auto #0

@@ -549,7 +549,7 @@ KERNELS: dict = {}
 _kernels_on = contextvars.ContextVar('kernels_on', default=True)
 
 def kernel_output(layer, x: torch.Tensor) -> torch.Tensor|None:
-    "The registered kernel's output for `x`, or None: no kernel, switched off, or autograd needs it."
+    "The registered kernel's output for `x`, or None: no kernel, switched off, or autograd on."
     kernel = KERNELS.get((type(layer), x.device.type))
     if kernel is None or not _kernels_on.get(): return None
     if torch.is_grad_enabled() and x.requires_grad: return None  # kernels have no backward
@@ -656,7 +656,7 @@ def dequantized_copy(model):
 
 # %% ../nbs/00_core.ipynb #43d77d1c
 def register_kernel(layer_class: type, device_type: str, kernel) -> None:
-    "Let `forward` of `layer_class` layers try `kernel(layer, x)` on `device_type` before `compute`."
+    "Let `layer_class` layers' `forward` try `kernel(layer, x)` on `device_type` before `compute`."
     if not (isinstance(layer_class, type) and issubclass(layer_class, QuantizedLinear)):
         raise TypeError(f"layer_class must be a subclass of QuantizedLinear, got {layer_class!r}")
     if not isinstance(device_type, str) or ':' in device_type:

@@ -670,7 +670,7 @@ def prepare_int4_layer(layer: QuantLinear) -> Int4Weight:
 
 # %% ../nbs/09_kernels.ipynb #d0510075
 def int4_layer_kernel(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor|None:
-    "A 4-bit `QuantLinear`'s or `GPTQLinear`'s output by `int4_matmul`; None where it does not apply."
+    "A 4-bit `QuantLinear`'s or `GPTQLinear`'s output by `int4_matmul`; None where it cannot."
     if (triton is None or layer.bits != 4 or layer.group_size == 'tensor' or layer.in_features % 2
             or x.dtype not in ACTIVATION_DTYPES or x.numel() // x.shape[-1] > MAX_KERNEL_ROWS):
         return None
@@ -696,7 +696,8 @@ LAYER_KERNELS = {QuantLinear: int4_layer_kernel, GPTQLinear: int4_layer_kernel,
 
 def register_layer_kernels(device_type: str = 'cuda') -> None:
     "Register this module's kernels for the layers of `LAYER_KERNELS` on `device_type`."
-    for layer_class, kernel in LAYER_KERNELS.items(): register_kernel(layer_class, device_type, kernel)
+    for layer_class, kernel in LAYER_KERNELS.items():
+        register_kernel(layer_class, device_type, kernel)
 
 if triton is not None: register_layer_kernels('cuda')
 
