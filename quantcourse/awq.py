@@ -201,15 +201,16 @@ def onednn_linears(module: nn.Module):
         for m in linears: del m.forward
 
 # %% ../nbs/05_awq.ipynb #453562ec
-def _gpu_room(device) -> float:
-    "Bytes free on a CUDA device, counting what torch has reserved but not handed out."
+def _fit_on_gpu(count: int, bytes_each: float, device) -> int:
+    "How many of `count` items fit in 1/4 of a CUDA device's free memory (reserved-unused counts)."
     unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return torch.cuda.mem_get_info(device)[0] + unused
+    room = (torch.cuda.mem_get_info(device)[0] + unused) / 4
+    return max(1, min(count, int(room // bytes_each)))
 
 def _alpha_batch(tokens: int, width: int, alphas: int, device) -> int:
     "Alphas per call: on a GPU as many as fit in 1/4 of free memory; on a CPU one (it is faster)."
     if torch.device(device).type != 'cuda': return 1
-    return max(1, min(alphas, int(_gpu_room(device) / 4 // (16 * tokens * width))))
+    return _fit_on_gpu(alphas, 16 * tokens * width, device)
 
 def input_gram(x: torch.Tensor, # a linear's inputs, (..., in_features)
               ) -> torch.Tensor:
@@ -241,9 +242,9 @@ def grid_losses(replay: Replay,
     if list(linears) == ['']:  # a lone linear: its mean squared error is a quadratic form in W
         weight = linears[''].weight.float()
         per_call = len(weights)  # on a GPU, as many as fit: 8 bytes a weight (change, product)
-        if weight.is_cuda: per_call = int(_gpu_room(weight.device) / 4 // (8 * weight.numel()))
+        if weight.is_cuda: per_call = _fit_on_gpu(len(weights), 8 * weight.numel(), weight.device)
         return chunked_gram_losses(input_gram(replay.args[0]), weight, [w[''] for w in weights],
-                                   max(1, min(len(weights), per_call)))
+                                   per_call)
     key = lambda name: f'{name}.weight' if name else 'weight'
     width = max(l.out_features for l in linears.values())
     batch = _alpha_batch(target.numel() // target.shape[-1], width, len(weights), target.device)
