@@ -301,6 +301,8 @@ def main():
     p.add_argument('--out', type=Path)
     p.add_argument('--quick', action='store_true', help='a tiny decoder on the CPU: shows the script works')
     p.add_argument('--steps', type=int, default=128)
+    p.add_argument('--int4-configs', type=Path, default=None,
+                   help="a JSON from kernels_gpu.py's tune part: the int4 kernel takes its configs (recorded)")
     args = p.parse_args()
     device = torch.device('cpu' if args.quick else 'cuda')
     if not args.quick and not torch.cuda.is_available(): sys.exit('no CUDA device; use --quick on the CPU')
@@ -309,6 +311,10 @@ def main():
     result = json.loads(out.read_text()) if out.exists() and not args.quick else {}
     result['meta'] = run_metadata(device)
     result['config'] = c
+    result['int4_configs'] = None
+    if args.int4_configs:
+        from kernels_gpu import use_tuned_configs
+        result['int4_configs'] = dict(file=args.int4_configs.name, table=use_tuned_configs(args.int4_configs))
     save = lambda: out.write_text(json.dumps(result, indent=1))
     if 'check' in args.only: part_check(result, c, device, args.quick, save)
     if 'decode' in args.only: part_decode(result, c, device, args.quick, save, 8 if args.quick else args.steps,

@@ -29,8 +29,12 @@ token inside the GEMM) against cuBLAS bfloat16, torch._int_mm and torch._scaled_
   whole sum left to the tensor cores' FP8 accumulator). Each is checked against float32
   first, then timed by do_bench (median) and a CUDA graph of 4 calls (none for W8A8Linear, whose NaN check syncs
   with the host); rows give microseconds, TFLOP/s and the speed-up over bfloat16;
-- `tune`: our kernels over `CANDIDATE_CONFIGS` (each checked against the reference before it is timed), best
-  per shape and batch, until `--tune-seconds` run out (`--tune-kernel int4|nf4`, `--shapes` to subset).
+- `tune`: our int4 kernel's settings for each shape (the six and Llama-3-8B's 1024x4096 k/v projection) at
+  batch 1 and 16, by coordinate descent from the library's defaults (`int4_config`): each setting in turn over
+  its values (`GEMV_SPACE` for the batch-1 GEMV kernel, `TILE_SPACE` for the tensor-core tiles), two rounds; each
+  candidate checked against float32 before it is timed as a CUDA graph over rotating weight copies; an even share
+  of `--tune-seconds` per shape and batch. `--int4-configs TUNE.json` then makes the library's `int4_config`
+  answer from that table in the other parts (and in decode_gpu.py), recorded in each part.
 
 Timing: `triton.testing.do_bench`, median (it zeroes a 256 MB buffer before every call, so no weight sits in the
 L2 cache), and a second figure from a CUDA graph of one call on each of 2 to 16 copies of the weight (at least 128
@@ -468,43 +472,99 @@ def part_w8a8(shapes: dict, tokens_list: tuple, device: str = 'cuda') -> dict:
     return dict(timings=rows, tokens=list(tokens_list), shapes=list(shapes))
 
 
+# The tuning grid, searched one setting at a time (coordinate descent) from the library's default
+GEMV_SPACE = dict(BLOCK_N=(4, 8, 16, 32, 64), GROUPS=(1, 2, 4, 8), SPLIT_K=(1, 2, 4, 8, 16), num_warps=(1, 2, 4, 8),
+                  num_stages=(1, 2, 3, 4), SCALE_EACH=(False, True))
+TILE_SPACE = dict(BLOCK_N=(16, 32, 64, 128, 256), BLOCK_K=(32, 64, 128), SPLIT_K=(1, 2, 4, 8, 16), num_warps=(2, 4, 8),
+                  num_stages=(1, 2, 3, 4, 5))
+TUNE_SHAPES = {'1024x4096': (1024, 4096), **SHAPES}   # Llama-3-8B's k_proj / v_proj too (decode_gpu uses it)
+
+
+def random_int4(n: int, k: int, device: str, seed: int):
+    "An Int4Weight of random codes, scales and zero-points (g128): what the kernel reads, without quantizing."
+    from quantcourse.kernels import Int4Weight
+    g = torch.Generator(device=device).manual_seed(seed)
+    packed = torch.randint(0, 256, (n, k // 2), generator=g, device=device, dtype=torch.uint8)
+    scales = (torch.rand(k // GROUP, n, generator=g, device=device) * 0.01 + 0.001).half()
+    zeros = torch.randint(0, 16, (k // GROUP, n), generator=g, device=device, dtype=torch.uint8)
+    return Int4Weight(packed, scales, zeros, None, GROUP)
+
+
+def descend(start: dict, space: dict, measure, deadline: float, rounds: int = 2):
+    "Coordinate descent from `start`: each setting in turn over its values, the others held; `measure` -> us|None."
+    key = lambda c: json.dumps(c, sort_keys=True)
+    best, best_us = dict(start), measure(start)
+    seen = {key(best): best_us}
+    if best_us is None: best_us = float('inf')
+    for _ in range(rounds):
+        improved = False
+        for name, values in space.items():
+            for value in values:
+                config = best | {name: value}
+                if key(config) in seen: continue
+                if time.perf_counter() > deadline: return best, best_us, seen
+                us = seen[key(config)] = measure(config)
+                if us is not None and us < best_us: best, best_us, improved = config, us, True
+        if not improved: break
+    return best, best_us, seen
+
+
 def part_tune(shapes: dict, kernel: str, seconds: float, device: str = 'cuda') -> dict:
-    deadline, results = time.perf_counter() + seconds, []
-    for label, (n, k) in shapes.items():
-        layer = Layer(n, k, device)
-        for batch in BATCHES:
-            x = torch.randn(batch, k, device=device).half()
-            fn = (lambda x, c: int4_matmul(x, layer.int4, config=c)) if kernel == 'int4' else \
-                 (lambda x, c: nf4_matmul(x, layer.nf4, config=c))
-            reference = layer.int4_ref if kernel == 'int4' else layer.nf4_ref
-            default = pick_config(batch, n, k, GROUP if kernel == 'int4' else BLOCKSIZE)
-            default_us = do_bench_us(lambda: fn(x, default), device)
-            best, tried = dict(config=default, us=default_us), 1
-            for candidate in CANDIDATE_CONFIGS:
-                if time.perf_counter() > deadline: break
-                config = default | candidate
-                if candidate['BLOCK_K'] > (GROUP if kernel == 'int4' else BLOCKSIZE): continue
-                try:
-                    if not check(lambda x_: fn(x_, config), reference, torch.float16, TOLERANCE[torch.float16],
-                                 batch, k, device)['passed']:
-                        log(f"    {config}: FAILED the check"); continue
-                    us = do_bench_us(lambda: fn(x, config), device)
-                except Exception as error:
-                    log(f"    {config}: {type(error).__name__}: {str(error)[:120]}"); continue
-                tried += 1
-                if us < best['us']: best = dict(config=config, us=us)
-            if best['config']['SPLIT_K'] > 1:   # the best with its splits added in float16, no cast
-                native = best['config'] | {'SPLIT_ADD': 'native'}
-                if check(lambda x_: fn(x_, native), reference, torch.float16, TOLERANCE[torch.float16],
-                         batch, k, device)['passed']:
-                    best['us_split_add_native'] = do_bench_us(lambda: fn(x, native), device)
-            results.append(dict(shape=label, batch=batch, kernel=kernel, default_config=default,
-                                default_us=default_us, tried=tried, **best))
-            log(f"  {label} batch {batch:>2} {kernel}: best {best['us']:.1f} us with {best['config']} ({tried} tried)")
-        del layer
+    """Our int4 kernel's settings per shape and batch: each candidate checked against float32 first, then timed
+    as a CUDA graph over rotating weight copies (the decoding loop's conditions); batch 1 searches the GEMV
+    kernel's space from `int4_config`, batch 16 the tensor-core tiles from `pick_config`."""
+    from quantcourse.kernels import int4_config
+    if kernel != 'int4': raise SystemExit("tune: only --tune-kernel int4 is searched this way")
+    results, start = [], time.perf_counter()
+    cases = [(label, n, k, batch) for label, (n, k) in shapes.items() for batch in BATCHES]
+    for index, (label, n, k, batch) in enumerate(cases):
+        deadline = start + seconds * (index + 1) / len(cases)   # an even share of the time per case
+        weights = [random_int4(n, k, device, seed) for seed in range(rotating_copies(n * k // 2))]
+        reference = weights[0].dequantize(torch.float32)
+        x = torch.randn(batch, k, device=device).half()
+        def measure(config):
+            try:
+                if not check(lambda x_: int4_matmul(x_, weights[0], config=config), reference, torch.float16,
+                             TOLERANCE[torch.float16], batch, k, device)['passed']:
+                    log(f"    {config}: FAILED the check"); return None
+                if device != 'cuda': return do_bench_us(lambda: int4_matmul(x, weights[0], config=config), device)
+                return graph_us(lambda: [(lambda w=w: int4_matmul(x, w, config=config)) for w in weights])
+            except Exception as error:
+                log(f"    {config}: {type(error).__name__}: {str(error)[:160]}"); return None
+        default = int4_config(batch, n, k, GROUP)
+        space = GEMV_SPACE if 'GROUPS' in default else TILE_SPACE
+        best, best_us, seen = descend(default, space, measure, deadline)
+        row = dict(shape=label, batch=batch, kernel=kernel, default_config=default,
+                   default_us=seen[json.dumps(default, sort_keys=True)], config=best, us=best_us, tried=len(seen),
+                   timed=[dict(config=json.loads(c), us=us) for c, us in seen.items()])
+        if batch == 1:   # the general kernel's default at batch 1, for comparison
+            from quantcourse.kernels import pick_config as tiles
+            row['tiles_default_us'] = measure(tiles(1, n, k, GROUP))
+        results.append(row)
+        log(f"  {label} batch {batch:>2}: default {row['default_us']} us, best {best_us:.1f} us with {best} "
+            f"({len(seen)} tried)")
+        del weights, reference
         if device == 'cuda': torch.cuda.empty_cache()
-        if time.perf_counter() > deadline: log("  tune: out of time"); break
-    return dict(kernel=kernel, results=results)
+    return dict(kernel=kernel, results=results, timing='CUDA graph over rotating copies (graph_us)',
+                shapes=list(shapes))
+
+
+def tuned_table(path: Path) -> dict:
+    "{(rows, out_features, in_features): config} from a JSON the `tune` part wrote."
+    results = json.loads(Path(path).read_text())['parts']['tune']['results']
+    return {(r['batch'], *map(int, r['shape'].split('x'))): r['config'] for r in results}
+
+
+def use_tuned_configs(path: Path) -> dict:
+    "Make the library's `int4_config` answer from a tune's table for g128 (else its own rule); the table."
+    import quantcourse.kernels as kernels
+    table, rule = tuned_table(path), kernels.int4_config
+    def tuned(M, N, K, group_size, processors=None):
+        found = table.get((M, N, K)) if group_size == GROUP else None
+        return dict(found) if found else rule(M, N, K, group_size, processors)
+    kernels.int4_config = tuned
+    log(f"int4 configs from {path}: {len(table)} shapes and batches")
+    return {f"{m} {n}x{k}": c for (m, n, k), c in table.items()}
 
 
 # ---------------------------------------------------------------- the run
@@ -530,6 +590,8 @@ def main(argv=None):
     parser.add_argument('--shapes', nargs='+', default=None, help='a subset of the shapes, e.g. 4096x4096')
     parser.add_argument('--tune-kernel', choices=('int4', 'nf4'), default='int4')
     parser.add_argument('--tune-seconds', type=float, default=420)
+    parser.add_argument('--int4-configs', type=Path, default=None,
+                        help="a JSON written by the tune part: int4_matmul takes its configs (recorded in each part)")
     parser.add_argument('--merge', nargs='+', type=Path, default=None,
                         help='join the parts of these result files into --out (later files win) and exit')
     args = parser.parse_args(argv)
@@ -544,7 +606,9 @@ def main(argv=None):
         return
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.only == ['tune'] and not args.quick: shapes = TUNE_SHAPES
     if args.shapes: shapes = {s: shapes[s] for s in args.shapes}
+    configs = use_tuned_configs(args.int4_configs) if args.int4_configs else None
     if device == 'cpu' and not interpreted():
         raise SystemExit("no CUDA and the kernels are not interpreted: run with --quick (it sets TRITON_INTERPRET=1)")
     only = [p for p in args.only if device == 'cuda' or p != 'ceilings']
@@ -567,6 +631,7 @@ def main(argv=None):
                                       min(args.tune_seconds, 15) if args.quick else args.tune_seconds, device)
         parts[part].update(seconds=time.perf_counter() - t, quick=args.quick,
                            shapes=parts[part].get('shapes', list(shapes)))
+        if configs and part != 'tune': parts[part]['int4_configs'] = dict(file=args.int4_configs.name, table=configs)
         if device == 'cuda': parts[part]['peak_gib'] = torch.cuda.max_memory_allocated() / 2**30
         log(f"part {part}: {parts[part]['seconds']:.0f} s")
     out = args.out or (DEFAULT_OUT if device == 'cuda' else None)

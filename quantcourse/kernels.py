@@ -18,14 +18,15 @@ from .core import check_tensor, register_kernel
 from .outliers import RowwiseInt8Weight, W8A8Linear
 
 # %% auto #0
-__all__ = ['SM_COUNT', 'CANDIDATE_CONFIGS', 'ACTIVATION_DTYPES', 'FP8_MAX', 'MAX_KERNEL_ROWS',
-          'LAYER_KERNELS', 'matmul_traffic', 'arithmetic_intensity', 'attainable_flops',
-          'ridge_point', 'Int4Weight', 'prepare_int4', 'interpreted', 'next_power_of_2', 'sm_count',
-          'pick_config', 'check_kernel_input', 'launch', 'full_config', 'int4_matmul',
-          'relative_error', 'nf4_matmul', 'prepare_int8', 'row_scaled_parts', 'w8a16_matmul',
-          'quantize_fp8_rows', 'FP8Weight', 'quantize_fp8_weight', 'token_scales', 'w8a8_config',
-          'w8a8_matmul', 'buffer_key', 'prepared', 'prepare_int4_layer', 'int4_layer_kernel',
-          'nf4_layer_kernel', 'w8a8_layer_kernel', 'register_layer_kernels']
+__all__ = ['SM_COUNT', 'CANDIDATE_CONFIGS', 'GEMV_GROUP_SIZES', 'ACTIVATION_DTYPES', 'FP8_MAX',
+          'MAX_KERNEL_ROWS', 'LAYER_KERNELS', 'matmul_traffic', 'arithmetic_intensity',
+          'attainable_flops', 'ridge_point', 'Int4Weight', 'prepare_int4', 'interpreted',
+          'next_power_of_2', 'sm_count', 'pick_config', 'gemv_config', 'int4_config',
+          'check_kernel_input', 'launch', 'full_config', 'int4_matmul', 'relative_error',
+          'nf4_matmul', 'prepare_int8', 'row_scaled_parts', 'w8a16_matmul', 'quantize_fp8_rows',
+          'FP8Weight', 'quantize_fp8_weight', 'token_scales', 'w8a8_config', 'w8a8_matmul',
+          'buffer_key', 'prepared', 'prepare_int4_layer', 'int4_layer_kernel', 'nf4_layer_kernel',
+          'w8a8_layer_kernel', 'register_layer_kernels']
 
 # %% ../nbs/09_kernels.ipynb #c4efb42b
 def matmul_traffic(batch: int, out_features: int, in_features: int,
@@ -246,6 +247,65 @@ CANDIDATE_CONFIGS = [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_s
                      for bn in (32, 64, 128) for bk in (64, 128) for sk in (1, 2, 4, 8)
                      for w, s in ((4, 2), (4, 4), (8, 3))]
 
+# %% ../nbs/09_kernels.ipynb #9c0aad3b
+if triton is not None:
+    @triton.jit
+    def _int4_gemv_kernel(x_ptr, packed_ptr, scales_ptr, zeros_ptr, perm_ptr, out_ptr,
+                          M, N, K, stride_xm, stride_om,
+                          HAS_PERM: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr,
+                          SCALE_EACH: tl.constexpr, DOT_FP32: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          SPLIT_K: tl.constexpr, TILES: tl.constexpr):
+        "One row of x by BLOCK_N rows of int4 weights, GROUPS whole groups of GROUP columns a step."
+        m, rn = tl.program_id(2), tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_in, half = rn < N, tl.arange(0, GROUP // 2)
+        if SCALE_EACH: acc = tl.zeros((BLOCK_N, GROUPS, GROUP), dtype=tl.float32)
+        else: acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+        for i in range(TILES):  # this split's steps; groups past the end of K are masked
+            g = (tl.program_id(1) * TILES + i) * GROUPS + tl.arange(0, GROUPS)
+            g_in = g * GROUP < K
+            inside = n_in[:, None] & g_in[None, :]
+            byte = tl.load(packed_ptr + rn[:, None, None] * (K // 2)
+                           + (g[:, None] * (GROUP // 2) + half[None, :])[None, :, :],
+                           mask=inside[:, :, None], other=0)
+            codes = _codes_to(tl.interleave(byte & 15, byte >> 4), tl.float32)
+            cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+            if HAS_PERM: cols = tl.load(perm_ptr + cols, mask=g_in[:, None], other=0)
+            x = tl.load(x_ptr + m * stride_xm + cols, mask=g_in[:, None], other=0.0).to(tl.float32)
+            index = g[None, :] * N + rn[:, None]
+            s = tl.load(scales_ptr + index, mask=inside, other=0.0).to(tl.float32)
+            z = tl.load(zeros_ptr + index, mask=inside, other=0).to(tl.float32)
+            if SCALE_EACH: acc += (codes - z[:, :, None]) * (s[:, :, None] * x[None, :, :])
+            else: acc += (tl.sum(codes * x[None, :, :], 2) - z * tl.sum(x, 1)[None, :]) * s
+        if SCALE_EACH: total = tl.sum(tl.sum(acc, 2), 1)
+        else: total = tl.sum(acc, 1)
+        rows = m + tl.arange(0, 1)
+        _store_tile(out_ptr, total[None, :], rows, rn, rows < M, n_in, stride_om, SPLIT_K)
+
+
+# %% ../nbs/09_kernels.ipynb #4ee23839
+GEMV_GROUP_SIZES = (16, 32, 64, 128, 256)  # powers of two: the GEMV kernel's tiles are made of them
+
+def gemv_config(N: int, K: int, group_size: int, # the weight (N, K), its groups
+                processors: int|None = None, # streaming multiprocessors (None: this device's)
+               ) -> dict:
+    "Launch settings for `_int4_gemv_kernel` (a starting point: the bench script tunes them)."
+    groups = max(1, 256 // group_size)
+    block_n, steps, split_k = 16, -(-K // (groups * group_size)), 1
+    while -(-N // block_n) * split_k < 4 * (processors or sm_count()) and 2 * split_k <= steps:
+        split_k *= 2
+    return dict(BLOCK_M=1, BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split_k, SCALE_EACH=False,
+                num_warps=4, num_stages=2)
+
+def int4_config(M: int, N: int, K: int, # x is (M, K), the weight (N, K)
+                group_size: int, # columns per group (K for one group per row)
+                processors: int|None = None, # streaming multiprocessors (None: this device's)
+               ) -> dict:
+    "The int4 kernel's settings: the GEMV kernel's for one row and power-of-two groups, else tiles."
+    if M == 1 and group_size in GEMV_GROUP_SIZES: return gemv_config(N, K, group_size, processors)
+    return pick_config(M, N, K, group_size, processors)
+
+
 # %% ../nbs/09_kernels.ipynb #e4cba2ff
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -299,21 +359,32 @@ def full_config(config: dict|None, M: int, N: int, K: int, divisor: int) -> dict
 def int4_matmul(x: torch.Tensor, # (..., in_features), float16 or bfloat16, contiguous
                 weight: Int4Weight, # from `prepare_int4`
                 bias: torch.Tensor|None = None,
-                config: dict|None = None, # tiles etc., see `pick_config` (None: its choice)
+                config: dict|None = None, # see `int4_config` (None: its choice)
                ) -> torch.Tensor:
     "`x @ W.T (+ bias)` for 4-bit group weights, dequantized in registers, summed in float32."
     if not isinstance(weight, Int4Weight):
         raise TypeError(f"weight must be an Int4Weight (from prepare_int4), got "
                         f"{type(weight).__name__}")
     N, K = weight.shape
+    if 'GROUPS' in (config or {}) and weight.group_size not in GEMV_GROUP_SIZES:
+        raise ValueError(f"config asks for the GEMV kernel, which takes group sizes "
+                         f"{GEMV_GROUP_SIZES}; this weight has {weight.group_size}")
     check_kernel_input(x, K, weight.packed.device)
     if triton is None:
         raise RuntimeError("triton is not installed; use F.linear(x, weight.dequantize(x.dtype))")
-    config = full_config(config, x.numel() // K, N, K, weight.group_size)
+    M, group = x.numel() // K, weight.group_size
+    if config is None: config = int4_config(M, N, K, group)
+    elif 'GROUPS' in config: config = gemv_config(N, K, group) | config  # the GEMV kernel
+    else: config = full_config(config, M, N, K, group)
     perm = weight.packed if weight.perm is None else weight.perm  # unread without an order
-    out = launch(_int4_matmul_kernel, x, N, (weight.packed, weight.scales, weight.zeros, perm),
-                 config, group_size=weight.group_size, HAS_PERM=weight.perm is not None,
-                 TILE_SCALES=weight.group_size % config['BLOCK_K'] == 0)
+    args = (weight.packed, weight.scales, weight.zeros, perm)
+    if 'GROUPS' in config:
+        config = config | dict(BLOCK_K=config['GROUPS'] * group)
+        out = launch(_int4_gemv_kernel, x, N, args, config, GROUP=group,
+                     HAS_PERM=weight.perm is not None)
+    else: out = launch(_int4_matmul_kernel, x, N, args, config, group_size=group,
+                       HAS_PERM=weight.perm is not None,
+                       TILE_SCALES=group % config['BLOCK_K'] == 0)
     return out if bias is None else out + bias.to(out.dtype)
 
 # %% ../nbs/09_kernels.ipynb #afcc8f34

@@ -7,7 +7,8 @@ import importlib.util, json, os, subprocess, sys
 import pytest, torch
 from quantcourse.gptq import GPTQLinear, GPTQWeight
 from quantcourse.kernels import (Int4Weight, check_kernel_input, int4_matmul, interpreted, nf4_matmul,
-                                 pick_config, prepare_int4, arithmetic_intensity, matmul_traffic)
+                                 pick_config, int4_config, prepare_int4, arithmetic_intensity,
+                                 matmul_traffic)
 from quantcourse.nf4 import quantize_4bit
 from quantcourse.scales import QuantLinear, quantize_weight
 
@@ -28,6 +29,13 @@ INT4_CASES = [
     ('batch 33 GEMV form', 40, 128, 33, 64, True, False, 'float16', {'USE_DOT': False, 'BLOCK_M': 4}),
     ('split-K uneven (3 tiles, 2 splits)', 36, 192, 1, 64, False, True, 'float16', {'BLOCK_K': 64, 'SPLIT_K': 2}),
     ('split-K adding in float16', 70, 512, 3, 64, False, False, 'float16', {'BLOCK_K': 64, 'SPLIT_K': 4, 'SPLIT_ADD': 'native'}),
+    ('GEMV g16 perm', 64, 256, 1, 16, False, True, 'float16', None),
+    ('GEMV g32 ragged', 33, 96, 1, 32, True, False, 'bfloat16', None),
+    ('GEMV g64 perm split-K', 40, 512, 1, 64, False, True, 'bfloat16', {'GROUPS': 4, 'SPLIT_K': 2}),
+    ('GEMV g128 scale each', 36, 384, 1, 128, True, False, 'float16', {'GROUPS': 2, 'SCALE_EACH': True}),
+    ('GEMV g256 split-K adding in float16', 20, 512, 1, 256, False, False, 'float16',
+     {'GROUPS': 1, 'SPLIT_K': 2, 'SPLIT_ADD': 'native'}),
+    ('GEMV for 3 rows', 48, 256, 3, 64, False, True, 'float16', {'GROUPS': 2, 'num_warps': 2}),
 ]
 # (label, out_features, in_features, batch, blocksize, quant_type, double_quant, dtype, config)
 NF4_CASES = [
@@ -219,6 +227,23 @@ def test_pick_config_divides_the_group():
     assert pick_config(16, 4096, 4096, 128, 132)['BLOCK_M'] == 16
 
 
+def test_int4_config_picks_the_gemv_kernel_for_one_row():
+    assert int4_config(1, 4096, 4096, 128, 132)['GROUPS'] * 128 <= 4096
+    for M, group in ((16, 128), (1, 24), (1, 512), (3, 64)):
+        assert 'GROUPS' not in int4_config(M, 4096, 4608, group, 132)
+    config = int4_config(1, 4096, 4096, 128, 132)
+    steps = -(-4096 // (config['GROUPS'] * 128))
+    assert 1 <= config['SPLIT_K'] <= steps
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason='triton is not installed')
+def test_gemv_kernel_refuses_other_group_sizes():
+    w = prepare_int4(quantize_weight(torch.randn(8, 48), 4, 24, False))
+    with pytest.raises(ValueError, match='group sizes'):
+        int4_matmul(torch.randn(1, 48).half().cuda() if CUDA else torch.randn(1, 48).half(),
+                    w.to('cuda') if CUDA else w, config={'GROUPS': 1})
+
+
 COMPILE_SCRIPT = r'''
 import json, sys
 import triton
@@ -258,6 +283,14 @@ for dtype in ('fp16', 'bf16'):
         const = dict(DOUBLE_QUANT=dq, NESTED=256, TILE_SCALES=tile, USE_DOT=dot, DOT_FP32=False, BLOCK_M=bm,
                      BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, TILES=tiles)
         report[f'nf4 {dtype} {dq} {tile} {dot} {split}'] = build(K._nf4_matmul_kernel, sig, const)
+    for perm, group, groups, each, bn, split, tiles in [(False, 128, 2, False, 16, 4, 4), (True, 64, 4, True, 8, 1, 16),
+                                                        (False, 32, 8, False, 32, 2, 8)]:
+        sig = dict(x_ptr=f'*{dtype}', packed_ptr='*u8', scales_ptr='*fp16', zeros_ptr='*u8', perm_ptr='*i32',
+                   out_ptr='*fp32' if split > 1 else f'*{dtype}', M='i32', N='i32', K='i32',
+                   stride_xm='i32', stride_om='i32')
+        const = dict(HAS_PERM=perm, GROUP=group, GROUPS=groups, SCALE_EACH=each, DOT_FP32=False, BLOCK_M=1,
+                     BLOCK_N=bn, BLOCK_K=group * groups, SPLIT_K=split, TILES=tiles)
+        report[f'gemv {dtype} {perm} g{group}x{groups}-each-{each} False {split}'] = build(K._int4_gemv_kernel, sig, const)
 print(json.dumps(report))
 '''
 
@@ -269,7 +302,7 @@ def test_kernels_compile_for_hopper():
     run = subprocess.run([sys.executable, '-c', COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-5000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(report) == 16
+    assert len(report) == 22
     for name, r in report.items():   # name: kernel dtype flag tile-scales use-dot split
         assert (r['mma'] > 0) == (name.split()[4] == 'True'), (name, r)
 
