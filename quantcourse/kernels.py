@@ -18,10 +18,10 @@ from .core import check_tensor, register_kernel
 from .outliers import RowwiseInt8Weight, W8A8Linear
 
 # %% auto #0
-__all__ = ['SM_COUNT', 'CANDIDATE_CONFIGS', 'GEMV_GROUP_SIZES', 'ACTIVATION_DTYPES', 'FP8_MAX',
-          'MAX_KERNEL_ROWS', 'LAYER_KERNELS', 'matmul_traffic', 'arithmetic_intensity',
-          'attainable_flops', 'ridge_point', 'Int4Weight', 'prepare_int4', 'interpreted',
-          'next_power_of_2', 'sm_count', 'pick_config', 'gemv_config', 'int4_config',
+__all__ = ['SM_COUNT', 'CANDIDATE_CONFIGS', 'GEMV_GROUP_SIZES', 'TUNED_INT4_CONFIGS',
+          'ACTIVATION_DTYPES', 'FP8_MAX', 'MAX_KERNEL_ROWS', 'LAYER_KERNELS', 'matmul_traffic',
+          'arithmetic_intensity', 'attainable_flops', 'ridge_point', 'Int4Weight', 'prepare_int4',
+          'interpreted', 'next_power_of_2', 'sm_count', 'pick_config', 'gemv_config', 'int4_config',
           'check_kernel_input', 'launch', 'full_config', 'int4_matmul', 'relative_error',
           'nf4_matmul', 'prepare_int8', 'row_scaled_parts', 'w8a16_matmul', 'quantize_fp8_rows',
           'FP8Weight', 'quantize_fp8_weight', 'token_scales', 'w8a8_config', 'w8a8_matmul',
@@ -297,11 +297,14 @@ def gemv_config(N: int, K: int, group_size: int, # the weight (N, K), its groups
     return dict(BLOCK_M=1, BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split_k, SCALE_EACH=False,
                 num_warps=4, num_stages=2)
 
+TUNED_INT4_CONFIGS = {}  # (rows, out_features, in_features) -> settings for g128 (filled below)
+
 def int4_config(M: int, N: int, K: int, # x is (M, K), the weight (N, K)
                 group_size: int, # columns per group (K for one group per row)
                 processors: int|None = None, # streaming multiprocessors (None: this device's)
                ) -> dict:
-    "The int4 kernel's settings: the GEMV kernel's for one row and power-of-two groups, else tiles."
+    "The int4 kernel's settings: tuned ones where known, the GEMV kernel's for one row, else tiles."
+    if group_size == 128 and (M, N, K) in TUNED_INT4_CONFIGS: return dict(TUNED_INT4_CONFIGS[M, N, K])
     if M == 1 and group_size in GEMV_GROUP_SIZES: return gemv_config(N, K, group_size, processors)
     return pick_config(M, N, K, group_size, processors)
 
