@@ -30,7 +30,8 @@ token inside the GEMM) against cuBLAS bfloat16, torch._int_mm and torch._scaled_
   first, then timed by do_bench (median) and a CUDA graph of 4 calls (none for W8A8Linear, whose NaN check syncs
   with the host); rows give microseconds, TFLOP/s and the speed-up over bfloat16;
 - `tune`: our int4 kernel's settings for each shape (the six and Llama-3-8B's 1024x4096 k/v projection) at
-  batch 1 and 16, by coordinate descent from the library's defaults (`int4_config`): each setting in turn over
+  batch 1 and 16, by coordinate descent from the library's defaults (`gemv_config` at batch 1, else `pick_config`;
+  at batch 1 `pick_config`'s general kernel is timed too and kept if faster): each setting in turn over
   its values (`GEMV_SPACE` for the batch-1 GEMV kernel, `TILE_SPACE` for the tensor-core tiles), two rounds; each
   candidate checked against float32 before it is timed as a CUDA graph over rotating weight copies; an even share
   of `--tune-seconds` per shape and batch. `--int4-configs TUNE.json` then makes the library's `int4_config`
@@ -513,7 +514,7 @@ def part_tune(shapes: dict, kernel: str, seconds: float, device: str = 'cuda') -
     """Our int4 kernel's settings per shape and batch: each candidate checked against float32 first, then timed
     as a CUDA graph over rotating weight copies (the decoding loop's conditions); batch 1 searches the GEMV
     kernel's space from `int4_config`, batch 16 the tensor-core tiles from `pick_config`."""
-    from quantcourse.kernels import int4_config
+    from quantcourse.kernels import gemv_config
     if kernel != 'int4': raise SystemExit("tune: only --tune-kernel int4 is searched this way")
     results, start = [], time.perf_counter()
     cases = [(label, n, k, batch) for label, (n, k) in shapes.items() for batch in BATCHES]
@@ -531,7 +532,7 @@ def part_tune(shapes: dict, kernel: str, seconds: float, device: str = 'cuda') -
                 return graph_us(lambda: [(lambda w=w: int4_matmul(x, w, config=config)) for w in weights])
             except Exception as error:
                 log(f"    {config}: {type(error).__name__}: {str(error)[:160]}"); return None
-        default = int4_config(batch, n, k, GROUP)
+        default = gemv_config(n, k, GROUP) if batch == 1 else pick_config(batch, n, k, GROUP)
         space = GEMV_SPACE if 'GROUPS' in default else TILE_SPACE
         best, best_us, seen = descend(default, space, measure, deadline)
         row = dict(shape=label, batch=batch, kernel=kernel, default_config=default,

@@ -303,9 +303,8 @@ def int4_config(M: int, N: int, K: int, # x is (M, K), the weight (N, K)
                 group_size: int, # columns per group (K for one group per row)
                 processors: int|None = None, # streaming multiprocessors (None: this device's)
                ) -> dict:
-    "The int4 kernel's settings: tuned ones where known, the GEMV kernel's for one row, else tiles."
+    "The int4 kernel's settings: those a tune on a GPU found where known, else `pick_config`'s."
     if group_size == 128 and (M, N, K) in TUNED_INT4_CONFIGS: return dict(TUNED_INT4_CONFIGS[M, N, K])
-    if M == 1 and group_size in GEMV_GROUP_SIZES: return gemv_config(N, K, group_size, processors)
     return pick_config(M, N, K, group_size, processors)
 
 

@@ -7,7 +7,7 @@ import importlib.util, json, os, subprocess, sys
 import pytest, torch
 from quantcourse.gptq import GPTQLinear, GPTQWeight
 from quantcourse.kernels import (Int4Weight, check_kernel_input, int4_matmul, interpreted, nf4_matmul,
-                                 pick_config, int4_config, prepare_int4, arithmetic_intensity,
+                                 pick_config, int4_config, gemv_config, prepare_int4, arithmetic_intensity,
                                  matmul_traffic)
 from quantcourse.nf4 import quantize_4bit
 from quantcourse.scales import QuantLinear, quantize_weight
@@ -227,13 +227,19 @@ def test_pick_config_divides_the_group():
     assert pick_config(16, 4096, 4096, 128, 132)['BLOCK_M'] == 16
 
 
-def test_int4_config_picks_the_gemv_kernel_for_one_row():
-    assert int4_config(1, 4096, 4096, 128, 132)['GROUPS'] * 128 <= 4096
-    for M, group in ((16, 128), (1, 24), (1, 512), (3, 64)):
-        assert 'GROUPS' not in int4_config(M, 4096, 4608, group, 132)
-    config = int4_config(1, 4096, 4096, 128, 132)
-    steps = -(-4096 // (config['GROUPS'] * 128))
-    assert 1 <= config['SPLIT_K'] <= steps
+def test_int4_config_reads_the_tuned_table(monkeypatch):
+    import quantcourse.kernels as K
+    tuned = dict(BLOCK_M=1, BLOCK_N=8, GROUPS=4, SPLIT_K=2, SCALE_EACH=True, num_warps=2, num_stages=1)
+    monkeypatch.setattr(K, 'TUNED_INT4_CONFIGS', {(1, 4096, 4096): tuned})
+    assert int4_config(1, 4096, 4096, 128, 132) == tuned
+    assert int4_config(1, 4096, 4096, 64, 132) == pick_config(1, 4096, 4096, 64, 132)  # tuned for g128 only
+    assert int4_config(2, 4096, 4096, 128, 132) == pick_config(2, 4096, 4096, 128, 132)
+
+
+def test_gemv_config_splits_within_the_steps():
+    for n, k in ((4096, 4096), (1024, 4096), (28672, 8192), (64, 256)):
+        config = gemv_config(n, k, 128, 132)
+        assert 1 <= config['SPLIT_K'] <= -(-k // (config['GROUPS'] * 128))
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason='triton is not installed')
