@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from .core import (capture_inputs, linear_names, replace_linears, check_tensor,
                               QuantizedLinear, Method,
-                              register_method, decoder_blocks, block_inputs, run_block,
-                              linear_groups)
+                              register_method, decoder_blocks, run_block,
+                              linear_groups, shared_linear_groups)
 from .scales import scale_zero, quantize_codes, quantize_weight, QuantizedWeight
 from tqdm.auto import tqdm
 
@@ -42,7 +42,9 @@ class ChannelStats:
 # %% ../nbs/03_outliers.ipynb #358eb2f8
 def _check_finite(x: torch.Tensor, what: str):
     "Raise a ValueError naming `what` if `x` holds NaN or Inf."
-    if not torch.isfinite(x).all():
+    # one pass: a NaN reaches both the min and the max, an Inf one of them (many times faster
+    # than isfinite over the whole tensor, and it runs on every forward of the layers below)
+    if x.numel() and not torch.isfinite(torch.stack(torch.aminmax(x.detach()))).all():
         raise ValueError(f"found {(~torch.isfinite(x)).sum().item()} NaN or Inf value(s) in "
                          f"{what}; quantization needs finite numbers (look at the layer that "
                          "produced them, or at the model's dtype)")
@@ -208,8 +210,9 @@ FLOAT16_MAX = torch.finfo(torch.float16).max
 def _as_float16(rows: torch.Tensor, threshold: float|None) -> torch.Tensor:
     "The float16 rows the INT8 path quantizes; finite values beyond float16 can only be outliers."
     _check_finite(rows, 'input')
-    beyond = rows.abs() > FLOAT16_MAX
-    if beyond.any() and (threshold is None or threshold > FLOAT16_MAX):
+    # a threshold <= 65504 sends such values to the 16-bit path: only without one do they stop us
+    beyond = rows.abs() > FLOAT16_MAX if threshold is None or threshold > FLOAT16_MAX else None
+    if beyond is not None and beyond.any():
         raise ValueError(f"the input holds {beyond.sum().item()} value(s) beyond float16's range "
                          f"(|x| > {FLOAT16_MAX:g}), which the INT8 path cannot scale; give a "
                          "threshold <= 65504 (6.0 is LLM.int8()'s) so their columns go the "
@@ -428,19 +431,43 @@ def smooth_block(
                                                   alpha)
     return factors
 
+class _LastBlockDone(Exception): "Every block has been measured: the head's logits are not needed."
+
+class _Measuring(nn.Module):
+    "Stands in for a block during one forward pass: measures it (`smoothing_inputs`) as it runs."
+    def __init__(self, block: nn.Module, down_proj: bool, statistics: list, structures: dict,
+                 last: bool):
+        super().__init__(); self.__dict__['block'] = block  # not a submodule: it stays in place
+        self.down_proj, self.statistics, self.structures, self.last = (down_proj, statistics,
+                                                                       structures, last)
+    def __getattr__(self, name):  # the model may read the block's attributes (its attention type)
+        try: return super().__getattr__(name)
+        except AttributeError: return getattr(self.__dict__['block'], name)
+    def forward(self, *args, **kwargs):
+        block, kwargs = self.__dict__['block'], dict(kwargs)
+        hidden = args[0] if args else kwargs.pop('hidden_states')
+        kwargs.pop('hidden_states', None)
+        # blocks of one class share their groups: traced once
+        groups = shared_linear_groups(block, hidden, kwargs, self.structures)
+        outputs = []  # what the block returns on the measuring pass: it runs once, not twice
+        handle = block.register_forward_hook(lambda module, args, out: outputs.append(out))
+        try: self.statistics.append(smoothing_inputs(block, hidden, kwargs, self.down_proj, groups))
+        finally: handle.remove()
+        if self.last: raise _LastBlockDone
+        return outputs[-1]
+
 @torch.no_grad()
 def smoothing_statistics(model, calibration: torch.Tensor, # (n_samples, seq_len) token ids
                          down_proj: bool = False) -> list[dict]:
-    "`smoothing_inputs` of every block of the float model: measured once, they serve every α."
+    "`smoothing_inputs` of every block of the float model, in one pass: they serve every α."
     _, blocks = decoder_blocks(model)
-    hidden, kwargs = block_inputs(model, calibration)
-    statistics = []
-    for index, block in enumerate(blocks):
-        outputs = []  # the block's output on the statistics' own pass: no pass of its own
-        handle = block.register_forward_hook(lambda module, args, out: outputs.append(out))
-        try: statistics.append(smoothing_inputs(block, hidden, kwargs[index], down_proj))
-        finally: handle.remove()
-        hidden = outputs[-1][0] if isinstance(outputs[-1], tuple) else outputs[-1]
+    originals, statistics, structures = list(blocks), [], {}
+    for i, block in enumerate(originals):  # the model's own loop feeds each block its arguments
+        blocks[i] = _Measuring(block, down_proj, statistics, structures, i == len(blocks) - 1)
+    try: model(calibration.to(next(model.parameters()).device), use_cache=False)
+    except _LastBlockDone: pass
+    finally:
+        for i, block in enumerate(originals): blocks[i] = block
     return statistics
 
 @torch.no_grad()
