@@ -304,7 +304,8 @@ def int4_config(M: int, N: int, K: int, # x is (M, K), the weight (N, K)
                 processors: int|None = None, # streaming multiprocessors (None: this device's)
                ) -> dict:
     "The int4 kernel's settings: those a tune on a GPU found where known, else `pick_config`'s."
-    if group_size == 128 and (M, N, K) in TUNED_INT4_CONFIGS: return dict(TUNED_INT4_CONFIGS[M, N, K])
+    tuned = TUNED_INT4_CONFIGS.get((M, N, K)) if group_size == 128 else None
+    if tuned is not None: return dict(tuned)
     return pick_config(M, N, K, group_size, processors)
 
 
