@@ -21,12 +21,12 @@ from .outliers import RowwiseInt8Weight, W8A8Linear
 __all__ = ['SM_COUNT', 'CANDIDATE_CONFIGS', 'GEMV_GROUP_SIZES', 'TUNED_INT4_CONFIGS',
           'ACTIVATION_DTYPES', 'FP8_MAX', 'MAX_KERNEL_ROWS', 'LAYER_KERNELS', 'matmul_traffic',
           'arithmetic_intensity', 'attainable_flops', 'ridge_point', 'Int4Weight', 'prepare_int4',
-          'interpreted', 'next_power_of_2', 'sm_count', 'pick_config', 'gemv_config', 'int4_config',
-          'check_kernel_input', 'launch', 'full_config', 'int4_matmul', 'relative_error',
-          'nf4_matmul', 'prepare_int8', 'row_scaled_parts', 'w8a16_matmul', 'quantize_fp8_rows',
-          'FP8Weight', 'quantize_fp8_weight', 'token_scales', 'w8a8_config', 'w8a8_matmul',
-          'buffer_key', 'prepared', 'prepare_int4_layer', 'int4_layer_kernel', 'nf4_layer_kernel',
-          'w8a8_layer_kernel', 'register_layer_kernels']
+          'interpreted', 'next_power_of_2', 'sm_count', 'split_k_for', 'pick_config', 'gemv_config',
+          'int4_config', 'check_kernel_input', 'launch', 'full_config', 'int4_matmul',
+          'relative_error', 'nf4_matmul', 'prepare_int8', 'row_scaled_parts', 'w8a16_matmul',
+          'quantize_fp8_rows', 'FP8Weight', 'quantize_fp8_weight', 'token_scales', 'w8a8_config',
+          'w8a8_matmul', 'buffer_key', 'prepared', 'prepare_int4_layer', 'int4_layer_kernel',
+          'nf4_layer_kernel', 'w8a8_layer_kernel', 'register_layer_kernels']
 
 # %% ../nbs/09_kernels.ipynb #c4efb42b
 def matmul_traffic(batch: int, out_features: int, in_features: int,
@@ -228,6 +228,14 @@ def sm_count() -> int:
     if not torch.cuda.is_available(): return SM_COUNT
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
+def split_k_for(programs: int, steps: int, # programs without a split, steps of K to share
+                processors: int|None = None) -> int:
+    "Split-K factor: doubled until about four programs per multiprocessor, a step or more each."
+    split_k = 1
+    while programs * split_k < 4 * (processors or sm_count()) and 2 * split_k <= steps:
+        split_k *= 2
+    return split_k
+
 def pick_config(M: int, N: int, K: int, # x is (M, K), the weight (N, K)
                 divisor: int, # the scales change every `divisor` columns (the group size)
                 processors: int|None = None, # streaming multiprocessors (None: this device's)
@@ -237,9 +245,8 @@ def pick_config(M: int, N: int, K: int, # x is (M, K), the weight (N, K)
     block_m = min(64, max(16, next_power_of_2(M))) if use_dot else 1
     block_n = 64 if use_dot else 32
     block_k = next((b for b in (128, 64, 32, 16) if divisor % b == 0), 64)
-    programs, k_tiles, split_k = -(-N // block_n) * -(-M // block_m), -(-K // block_k), 1
-    while programs * split_k < 4 * (processors or sm_count()) and 2 * split_k <= min(16, k_tiles):
-        split_k *= 2
+    programs, k_tiles = -(-N // block_n) * -(-M // block_m), -(-K // block_k)
+    split_k = split_k_for(programs, min(16, k_tiles), processors)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
                 USE_DOT=use_dot, num_warps=4, num_stages=3)
 
@@ -291,9 +298,8 @@ def gemv_config(N: int, K: int, group_size: int, # the weight (N, K), its groups
                ) -> dict:
     "Launch settings for `_int4_gemv_kernel` (a starting point: the bench script tunes them)."
     groups = max(1, 256 // group_size)
-    block_n, steps, split_k = 16, -(-K // (groups * group_size)), 1
-    while -(-N // block_n) * split_k < 4 * (processors or sm_count()) and 2 * split_k <= steps:
-        split_k *= 2
+    block_n = 16
+    split_k = split_k_for(-(-N // block_n), -(-K // (groups * group_size)), processors)
     return dict(BLOCK_M=1, BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split_k, SCALE_EACH=False,
                 num_warps=4, num_stages=2)
 
