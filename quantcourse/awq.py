@@ -265,15 +265,24 @@ def grid_losses(replay: Replay,
     return losses
 
 # %% ../nbs/05_awq.ipynb #4facd04a
+def _mean_losses(replay: Replay, linears: dict, weights: list[dict], x: torch.Tensor) -> list[float]:
+    "`grid_losses` of `weights`; when sharded, means over every process's tokens, weighted."
+    losses = grid_losses(replay, linears, weights)
+    if not sharded(): return losses
+    rows = torch.tensor([*losses, 1.], dtype=torch.float64, device=x.device) * x[..., 0].numel()
+    total, = sum_shards(rows)
+    return (total[:-1] / total[-1]).tolist()
+
 @torch.no_grad()
 def search_scale(block: nn.Module, group: ScaleGroup, x: torch.Tensor, # the group's float input
                  replay: Replay, # the call of `group.inspect` on the float pass
                  bits: int = 4, group_size: int = 64, symmetric: bool = False,
-                 grid: int = 20, # alphas tried: 0, 1/grid, ..., (grid-1)/grid
+                 grid: int = 20, # alphas: 0, 1/grid, ..., (grid-1)/grid
                  duo: bool = False, # divide by mean|w|^(1-alpha) too
                  label: str = '', # the block's name, for messages
-                ) -> tuple[torch.Tensor, float, list[float]]:
-    "AWQ's search: the factors (and alpha, and every loss) whose quantized linears change least."
+                 coarse: int = 1, # >1: every coarse-th alpha, then those between, next to the best
+                ) -> tuple[torch.Tensor, float, list[float|None]]:
+    "AWQ's search: the factors (and alpha, and each loss, None if not tried) that change least."
     linears = {n.removeprefix(group.inspect).lstrip('.'): block.get_submodule(n)
                for n in group.names}
     weight = torch.cat([l.weight for l in linears.values()])
@@ -286,19 +295,23 @@ def search_scale(block: nn.Module, group: ScaleGroup, x: torch.Tensor, # the gro
         s = group.untie(s)
         return {n: fake_quantize(l.weight * s, bits, group_size, symmetric) / s
                 for n, l in linears.items()}
-    losses = grid_losses(replay, linears, [tried(s) for s in factors])
-    if sharded():  # each process's means over its tokens, weighted into means over all tokens
-        rows = torch.tensor([*losses, 1.], dtype=torch.float64, device=x.device) * x[..., 0].numel()
-        total, = sum_shards(rows)
-        losses = (total[:-1] / total[-1]).tolist()
-    finite = [i for i, loss in enumerate(losses) if math.isfinite(loss)]
-    for i in sorted(set(range(grid)) - set(finite)):
+    def measure(indices: list[int]) -> dict[int, float]:  # the losses of those alphas
+        weights = [tried(factors[i]) for i in indices]
+        return dict(zip(indices, _mean_losses(replay, linears, weights, x)))
+    losses = measure(list(range(0, grid, coarse)))
+    finite = lambda: [i for i, loss in losses.items() if math.isfinite(loss)]
+    if coarse > 1 and finite():  # the alphas between, on both sides of the best so far
+        best = min(finite(), key=losses.__getitem__)
+        losses |= measure([i for i in range(max(0, best - coarse + 1), min(grid, best + coarse))
+                           if i not in losses])
+    for i in sorted(set(losses) - set(finite())):
         warnings.warn(f"AWQ: alpha={alphas[i]} gives a loss of {losses[i]} at "
                       f"{label}{group.inspect}; that alpha is skipped")
-    if not finite:
+    if not finite():
         raise ValueError(f"AWQ: every alpha gives a NaN or infinite loss at {label}{group.inspect}")
-    best = min(finite, key=losses.__getitem__)
-    return factors[best], alphas[best], losses
+    best = min(finite(), key=losses.__getitem__)
+    return factors[best], alphas[best], [losses.get(i) for i in range(grid)]
+
 
 # %% ../nbs/05_awq.ipynb #0034f667
 CLIP_SKIPPED = ('q_proj', 'k_proj', 'qkv_proj', 'query', 'key', 'query_key_value', 'Wqkv')
@@ -342,8 +355,8 @@ def apply_clip(linear: nn.Linear, limit: torch.Tensor, # (out_features, groups) 
     w.copy_(torch.maximum(torch.minimum(w, bound), -bound))
 
 # %% ../nbs/05_awq.ipynb #a2720388
-def _check_awq(bits, group_size, grid, block):
-    check_bits(bits); check_int(grid, 'grid', 2)
+def _check_awq(bits, group_size, grid, block, coarse=1):
+    check_bits(bits); check_int(grid, 'grid', 2); check_int(coarse, 'coarse', 1)
     for name in linear_names(block):
         check_group_size(group_size, block.get_submodule(name).in_features)
 
@@ -353,11 +366,12 @@ def awq_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, # a block, i
               grid: int = 20, duo: bool = False, # the scale search (see `search_scale`)
               clip: bool = False, # then search each group's clamp (not q and k: see `search_clip`)
               gqa_v_to_o: bool = False, # also scale o_proj through v_proj, tied over GQA heads
+              coarse: int = 1, # search every coarse-th alpha first (see `search_scale`)
               groups: list|None = None, # the block's `linear_groups`, if already found
               name: str = '', # the block's name, for messages
              ) -> dict[str, torch.Tensor]:
     "AWQ on one float block, in place: search and fold each group's factors, clip; return them."
-    _check_awq(bits, group_size, grid, block)
+    _check_awq(bits, group_size, grid, block, coarse)
     label = f'{name}.' if name else ''
     todo = scale_groups(block, groups or linear_groups(block, hidden, kwargs), gqa_v_to_o)
     if not todo:
@@ -368,7 +382,7 @@ def awq_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, # a block, i
     folded = {}
     for group in todo:  # each search sees its own linears unscaled, on the float pass's inputs
         factors, _, _ = search_scale(block, group, inputs[group.names[0]], replays[group.inspect],
-                                     bits, group_size, symmetric, grid, duo, label)
+                                     bits, group_size, symmetric, grid, duo, label, coarse)
         fold_group(block, group, factors)
         folded |= {n: group.untie(factors) for n in group.names}
     if clip:
@@ -409,7 +423,7 @@ def awq_model(model, calibration: torch.Tensor, # (n_samples, seq_len) token ids
     return folded
 
 # %% ../nbs/05_awq.ipynb #7d1a3d2f
-AWQ_SETTINGS = dict(grid=20, duo=False, clip=False, gqa_v_to_o=False)
+AWQ_SETTINGS = dict(grid=20, duo=False, clip=False, gqa_v_to_o=False, coarse=1)
 
 def _awq(linear: nn.Linear, statistics, bits: int, group_size: int, symmetric: bool) -> QuantLinear:
     "After `awq_block` has scaled the block: round-to-nearest on the scaled weight."

@@ -123,6 +123,24 @@ def test_search_is_never_worse_than_round_to_nearest():
         assert losses[int(alpha * 20)] == min(losses) <= losses[0] and factors.shape == (block.get_submodule(g.names[0]).in_features,)
 
 
+@pytest.mark.parametrize('coarse', [2, 3])
+def test_coarse_search_measures_the_coarse_grid_then_next_to_its_best(coarse):
+    "coarse=c: alphas 0, c, 2c, ..., then those within c-1 of the best of them; the same losses as the full grid."
+    model, ids = build('llama'), tiny_calibration(4, 32)
+    block, hidden, kwargs, groups = _block_and_groups(model, ids)
+    inputs, replays = record_block(block, hidden, kwargs, [g.names[0] for g in groups], [g.inspect for g in groups])
+    for g in groups:
+        args = (block, g, inputs[g.names[0]], replays[g.inspect])
+        _, _, full = search_scale(*args, bits=3, group_size=32)
+        _, alpha, losses = search_scale(*args, bits=3, group_size=32, coarse=coarse)
+        tried = [i for i, loss in enumerate(losses) if loss is not None]
+        first_best = min(range(0, 20, coarse), key=full.__getitem__)
+        near = range(max(0, first_best - coarse + 1), min(20, first_best + coarse))
+        assert tried == sorted(set(range(0, 20, coarse)) | set(near))
+        torch.testing.assert_close(torch.tensor([losses[i] for i in tried]), torch.tensor([full[i] for i in tried]))
+        assert alpha == min(tried, key=full.__getitem__) / 20
+
+
 def test_a_nan_loss_skips_that_alpha_with_a_warning(monkeypatch):
     model, ids = build('llama'), tiny_calibration(2, 16)
     block, hidden, kwargs, groups = _block_and_groups(model, ids)
@@ -152,7 +170,8 @@ def test_reported_baseline_is_rtn_of_the_unscaled_layer():
 
 
 @pytest.mark.parametrize('settings, message', [(dict(grid=1), 'grid must be'), (dict(grid=2.5), 'grid must be'),
-                                               (dict(group_size=48), 'does not divide'), (dict(bits=1), 'bits')])
+                                               (dict(group_size=48), 'does not divide'), (dict(bits=1), 'bits'),
+                                               (dict(coarse=0), 'coarse must be')])
 def test_bad_settings_change_nothing(settings, message):
     model, ids = build('llama'), tiny_calibration(2, 16)
     before = copy.deepcopy(model.state_dict())
