@@ -265,7 +265,8 @@ def grid_losses(replay: Replay,
     return losses
 
 # %% ../nbs/05_awq.ipynb #4facd04a
-def _mean_losses(replay: Replay, linears: dict, weights: list[dict], x: torch.Tensor) -> list[float]:
+def _mean_losses(replay: Replay, linears: dict, weights: list[dict], x: torch.Tensor
+                ) -> list[float]:
     "`grid_losses` of `weights`; when sharded, means over every process's tokens, weighted."
     losses = grid_losses(replay, linears, weights)
     if not sharded(): return losses
