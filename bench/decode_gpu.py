@@ -235,7 +235,8 @@ def profile_step(model, device) -> dict:
         t = getattr(e, 'device_time_total', None) or getattr(e, 'cuda_time_total', 0)
         if e.device_type is not None and str(e.device_type).endswith('CPU'): continue
         name = e.key.lower()
-        if any(s in name for s in ('_int4_matmul', '_nf4_matmul', '_w8a8', '_token_scales', '_w8a16', 'dequantize')): k = 'quantized_layers'
+        if any(s in name for s in ('_int4_matmul', '_int4_gemv', '_nf4_matmul', '_w8a8', '_token_scales', '_w8a16', 'dequantize')):
+            k = 'quantized_layers'  # before cuBLAS's test: the GEMV kernel's name holds 'gemv'
         elif any(s in name for s in ('gemm', 'gemv', 'cublas', 'cutlass', 'sm90_xmma', 'nvjet')): k = 'cublas'
         elif any(s in name for s in ('flash', 'attention', 'fmha', 'sdpa', 'efficient')): k = 'attention'
         else: k = 'other'

@@ -303,7 +303,25 @@ def gemv_config(N: int, K: int, group_size: int, # the weight (N, K), its groups
     return dict(BLOCK_M=1, BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split_k, SCALE_EACH=False,
                 num_warps=4, num_stages=2)
 
-TUNED_INT4_CONFIGS = {}  # (rows, out_features, in_features) -> settings for g128 (filled below)
+# Found by the bench script's `tune` part on an H100 (bench/results/kernels_gpu.json),
+# groups of 128, by (out_features, in_features). Batch 1, the GEMV kernel, SCALE_EACH off:
+_GEMV_KEYS = ('BLOCK_N', 'GROUPS', 'SPLIT_K', 'num_warps', 'num_stages')
+_TUNED_GEMV = {(1024, 4096): (32, 2, 16, 4, 2), (4096, 4096): (32, 4, 16, 4, 1),
+               (14336, 4096): (16, 8, 1, 4, 2), (4096, 14336): (16, 8, 16, 4, 2),
+               (8192, 8192): (32, 8, 1, 4, 2), (28672, 8192): (32, 8, 1, 4, 1),
+               (8192, 28672): (32, 8, 8, 4, 3)}
+# Batch 16, the general kernel on the tensor cores:
+_TILE_KEYS = ('BLOCK_M', 'BLOCK_N', 'BLOCK_K', 'SPLIT_K', 'num_warps', 'num_stages')
+_TUNED_TILES = {(1024, 4096): (16, 64, 128, 16, 8, 1), (4096, 4096): (16, 64, 128, 8, 4, 1),
+                (14336, 4096): (16, 64, 128, 8, 4, 1), (4096, 14336): (16, 64, 128, 8, 4, 1),
+                (8192, 8192): (16, 64, 128, 4, 4, 1), (28672, 8192): (16, 64, 128, 4, 4, 1),
+                (8192, 28672): (16, 256, 128, 8, 4, 3)}
+# (rows, out_features, in_features) -> the int4 kernel's settings for groups of 128
+TUNED_INT4_CONFIGS = (
+    {(1, *shape): dict(BLOCK_M=1, SCALE_EACH=False, **dict(zip(_GEMV_KEYS, values)))
+     for shape, values in _TUNED_GEMV.items()}
+    | {(16, *shape): dict(USE_DOT=True, **dict(zip(_TILE_KEYS, values)))
+       for shape, values in _TUNED_TILES.items()})
 
 def int4_config(M: int, N: int, K: int, # x is (M, K), the weight (N, K)
                 group_size: int, # columns per group (K for one group per row)

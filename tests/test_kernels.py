@@ -227,6 +227,17 @@ def test_pick_config_divides_the_group():
     assert pick_config(16, 4096, 4096, 128, 132)['BLOCK_M'] == 16
 
 
+def test_the_tuned_table_is_the_recorded_tune():
+    "TUNED_INT4_CONFIGS holds what bench/kernels_gpu.py's tune part recorded, shape for shape."
+    from pathlib import Path
+    from quantcourse.kernels import TUNED_INT4_CONFIGS
+    recorded = json.loads((Path(__file__).parent.parent / 'bench' / 'results' / 'kernels_gpu.json').read_text())
+    found = {(r['batch'], *map(int, r['shape'].split('x'))): r['config'] for r in recorded['parts']['tune']['results']}
+    assert found == TUNED_INT4_CONFIGS
+    for (rows, n, k), config in TUNED_INT4_CONFIGS.items():  # the GEMV kernel at batch 1, tensor cores above
+        assert ('GROUPS' in config) == (rows == 1) and (config.get('USE_DOT', False) == (rows > 1))
+
+
 def test_int4_config_reads_the_tuned_table(monkeypatch):
     import quantcourse.kernels as K
     tuned = dict(BLOCK_M=1, BLOCK_N=8, GROUPS=4, SPLIT_K=2, SCALE_EACH=True, num_warps=2, num_stages=1)
