@@ -83,7 +83,7 @@ if '--quick' in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')  # before triton defines our kernels
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing
 from quantcourse.gptq import GPTQWeight
-from quantcourse.kernels import (CANDIDATE_CONFIGS, int4_matmul, interpreted, nf4_matmul, pick_config,
+from quantcourse.kernels import (int4_matmul, interpreted, nf4_matmul, pick_config,
                                  prepare_int4, relative_error, prepare_int8, w8a16_matmul, w8a8_matmul,
                                  quantize_fp8_rows, quantize_fp8_weight)
 from quantcourse.outliers import W8A8Linear, quantize_activations

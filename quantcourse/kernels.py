@@ -18,15 +18,15 @@ from .core import check_tensor, register_kernel
 from .outliers import RowwiseInt8Weight, W8A8Linear
 
 # %% auto #0
-__all__ = ['SM_COUNT', 'CANDIDATE_CONFIGS', 'GEMV_GROUP_SIZES', 'TUNED_INT4_CONFIGS',
-          'ACTIVATION_DTYPES', 'FP8_MAX', 'MAX_KERNEL_ROWS', 'LAYER_KERNELS', 'matmul_traffic',
-          'arithmetic_intensity', 'attainable_flops', 'ridge_point', 'Int4Weight', 'prepare_int4',
-          'interpreted', 'next_power_of_2', 'sm_count', 'split_k_for', 'pick_config', 'gemv_config',
-          'int4_config', 'check_kernel_input', 'launch', 'full_config', 'int4_matmul',
-          'relative_error', 'nf4_matmul', 'prepare_int8', 'row_scaled_parts', 'w8a16_matmul',
-          'quantize_fp8_rows', 'FP8Weight', 'quantize_fp8_weight', 'token_scales', 'w8a8_config',
-          'w8a8_matmul', 'buffer_key', 'prepared', 'prepare_int4_layer', 'int4_layer_kernel',
-          'nf4_layer_kernel', 'w8a8_layer_kernel', 'register_layer_kernels']
+__all__ = ['SM_COUNT', 'GEMV_GROUP_SIZES', 'TUNED_INT4_CONFIGS', 'ACTIVATION_DTYPES', 'FP8_MAX',
+          'MAX_KERNEL_ROWS', 'LAYER_KERNELS', 'matmul_traffic', 'arithmetic_intensity',
+          'attainable_flops', 'ridge_point', 'Int4Weight', 'prepare_int4', 'interpreted',
+          'next_power_of_2', 'sm_count', 'split_k_for', 'pick_config', 'gemv_config', 'int4_config',
+          'check_kernel_input', 'launch', 'full_config', 'int4_matmul', 'relative_error',
+          'nf4_matmul', 'prepare_int8', 'row_scaled_parts', 'w8a16_matmul', 'quantize_fp8_rows',
+          'FP8Weight', 'quantize_fp8_weight', 'token_scales', 'w8a8_config', 'w8a8_matmul',
+          'buffer_key', 'prepared', 'prepare_int4_layer', 'int4_layer_kernel', 'nf4_layer_kernel',
+          'w8a8_layer_kernel', 'register_layer_kernels']
 
 # %% ../nbs/09_kernels.ipynb #c4efb42b
 def matmul_traffic(batch: int, out_features: int, in_features: int,
@@ -249,10 +249,6 @@ def pick_config(M: int, N: int, K: int, # x is (M, K), the weight (N, K)
     split_k = split_k_for(programs, min(16, k_tiles), processors)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
                 USE_DOT=use_dot, num_warps=4, num_stages=3)
-
-CANDIDATE_CONFIGS = [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=s)
-                     for bn in (32, 64, 128) for bk in (64, 128) for sk in (1, 2, 4, 8)
-                     for w, s in ((4, 2), (4, 4), (8, 3))]
 
 # %% ../nbs/09_kernels.ipynb #9c0aad3b
 if triton is not None:
