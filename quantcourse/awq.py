@@ -299,20 +299,20 @@ def search_scale(block: nn.Module, group: ScaleGroup, x: torch.Tensor, # the gro
     def measure(indices: list[int]) -> dict[int, float]:  # the losses of those alphas
         weights = [tried(factors[i]) for i in indices]
         return dict(zip(indices, _mean_losses(replay, linears, weights, x)))
+    def lowest() -> int|None:  # the alpha with the lowest finite loss so far
+        finite = [i for i, loss in losses.items() if math.isfinite(loss)]
+        return min(finite, key=losses.__getitem__, default=None)
     losses = measure(list(range(0, grid, coarse)))
-    finite = lambda: [i for i, loss in losses.items() if math.isfinite(loss)]
-    if coarse > 1 and finite():  # the alphas between, on both sides of the best so far
-        best = min(finite(), key=losses.__getitem__)
+    if coarse > 1 and (best := lowest()) is not None:  # the alphas beside it, on both sides
         losses |= measure([i for i in range(max(0, best - coarse + 1), min(grid, best + coarse))
                            if i not in losses])
-    for i in sorted(set(losses) - set(finite())):
-        warnings.warn(f"AWQ: alpha={alphas[i]} gives a loss of {losses[i]} at "
-                      f"{label}{group.inspect}; that alpha is skipped")
-    if not finite():
+    for i, loss in sorted(losses.items()):
+        if not math.isfinite(loss):
+            warnings.warn(f"AWQ: alpha={alphas[i]} gives a loss of {loss} at "
+                          f"{label}{group.inspect}; that alpha is skipped")
+    if (best := lowest()) is None:
         raise ValueError(f"AWQ: every alpha gives a NaN or infinite loss at {label}{group.inspect}")
-    best = min(finite(), key=losses.__getitem__)
     return factors[best], alphas[best], [losses.get(i) for i in range(grid)]
-
 
 # %% ../nbs/05_awq.ipynb #0034f667
 CLIP_SKIPPED = ('q_proj', 'k_proj', 'qkv_proj', 'query', 'key', 'query_key_value', 'Wqkv')
@@ -356,7 +356,7 @@ def apply_clip(linear: nn.Linear, limit: torch.Tensor, # (out_features, groups) 
     w.copy_(torch.maximum(torch.minimum(w, bound), -bound))
 
 # %% ../nbs/05_awq.ipynb #a2720388
-def _check_awq(bits, group_size, grid, block, coarse=1):
+def _check_awq(bits, group_size, grid, block, coarse):
     check_bits(bits); check_int(grid, 'grid', 2); check_int(coarse, 'coarse', 1)
     for name in linear_names(block):
         check_group_size(group_size, block.get_submodule(name).in_features)
