@@ -26,7 +26,10 @@ token inside the GEMM) against cuBLAS bfloat16, torch._int_mm and torch._scaled_
   made beforehand; the same each with an eager per-token quantization in front (chapter 03's
   `W8A8Linear.compute` for int8; `quantize_fp8_rows` for FP8); our fused int8 and FP8 kernels (`w8a8_matmul`: a
   Triton pre-pass for the row scales, the quantization in the GEMM's prologue; FP8 also with FAST_ACCUM, the
-  whole sum left to the tensor cores' FP8 accumulator). Each is checked against float32
+  whole sum left to the tensor cores' FP8 accumulator); `quantize_tokens` alone (one Triton pass writing x's 8-bit
+  codes and scales); our two-pass route (that pass, then our GEMM on the codes, int8 and FP8 with and without
+  FAST_ACCUM, over the tiles of `TWO_PASS_CONFIGS`) and the torch route (that pass, then `torch._scaled_mm`, or
+  `torch._int_mm` with the scales applied in PyTorch). Each is checked against float32
   first, then timed by do_bench (median) and a CUDA graph of 4 calls (none for W8A8Linear, whose NaN check syncs
   with the host); rows give microseconds, TFLOP/s and the speed-up over bfloat16;
 - `tune`: our int4 kernel's settings for each shape (the six and Llama-3-8B's 1024x4096 k/v projection) at
@@ -85,7 +88,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a cl
 from quantcourse.gptq import GPTQWeight
 from quantcourse.kernels import (int4_matmul, interpreted, nf4_matmul, pick_config,
                                  prepare_int4, relative_error, prepare_int8, w8a16_matmul, w8a8_matmul,
-                                 quantize_fp8_rows, quantize_fp8_weight)
+                                 quantize_fp8_rows, quantize_fp8_weight, quantize_tokens)
 from quantcourse.outliers import W8A8Linear, quantize_activations
 from quantcourse.nf4 import Weight4bit, quantize_4bit
 from quantcourse.scales import quantize_weight
@@ -221,7 +224,7 @@ def check(fn, reference_weight, dtype, tolerance, batch, k, device, seed=1) -> d
     output = fn(x)
     error = relative_error(output.float(), reference)
     return dict(relative_error=error, tolerance=tolerance, passed=bool(error < tolerance),
-                finite=bool(torch.isfinite(output).all()))
+                finite=bool(torch.isfinite(output.float()).all()))
 
 
 # ---------------------------------------------------------------- timing
@@ -416,9 +419,23 @@ def w8a8_methods(layer: W8A8Layer, x: torch.Tensor) -> dict:
         'torch._scaled_mm fp8 rowwise alone (codes given)': (lambda: scaled_mm(fp8_codes, fp8_scale), fp8_ref, bf16),
         'eager int8: W8A8Linear (quantize + _int_mm + scales)': (lambda: layer.eager.compute(x), int8_ref, bf16),
         'eager fp8: quantize_fp8_rows + _scaled_mm': (lambda: scaled_mm(*quantize_fp8_rows(x)), fp8_ref, bf16),
-        'ours fused int8': (lambda: w8a8_matmul(x, w8), int8_ref, bf16),
-        'ours fused fp8': (lambda: w8a8_matmul(x, w_fp8), fp8_ref, bf16),
-        'ours fused fp8 fast-accum': (lambda: w8a8_matmul(x, w_fp8, config=dict(FAST_ACCUM=True)), fp8_ref, bf16)}
+        'ours fused int8': (lambda: w8a8_matmul(x, w8, route='fused'), int8_ref, bf16),
+        'ours fused fp8': (lambda: w8a8_matmul(x, w_fp8, route='fused'), fp8_ref, bf16),
+        'ours fused fp8 fast-accum': (lambda: w8a8_matmul(x, w_fp8, config=dict(FAST_ACCUM=True), route='fused'),
+                                      fp8_ref, bf16),
+        'ours quantize_tokens alone int8': (lambda: quantize_tokens(x)[0], int8_codes.float(), EXACT_TOLERANCE),
+        'ours quantize_tokens alone fp8': (lambda: quantize_tokens(x, True)[0], fp8_codes.float(), EXACT_TOLERANCE),
+        'ours torch route int8: quantize_tokens + torch._int_mm + scales': (
+            lambda: w8a8_matmul(x, w8, route='torch'), int8_ref, bf16),
+        'ours torch route fp8: quantize_tokens + torch._scaled_mm': (
+            lambda: w8a8_matmul(x, w_fp8, route='torch'), fp8_ref, bf16)}
+    for tiles, config in TWO_PASS_CONFIGS.items():   # our GEMM on codes made by quantize_tokens
+        candidates[f'ours two-pass int8 {tiles}'] = (
+            lambda config=config: w8a8_matmul(x, w8, config=config, route='two-pass'), int8_ref, bf16)
+        for accum, fast in (('', False), (' fast-accum', True)):
+            candidates[f'ours two-pass fp8{accum} {tiles}'] = (
+                lambda config=config, fast=fast: w8a8_matmul(x, w_fp8, config=config | dict(FAST_ACCUM=fast),
+                                                             route='two-pass'), fp8_ref, bf16)
     for name, entry in candidates.items():
         try:
             entry[0]()                 # can it run here at all (CPU builds lack some of these)?
@@ -433,9 +450,12 @@ def w8a8_check(fn, reference, tolerance) -> dict:
     except Exception as error: return dict(passed=False, error=f"{type(error).__name__}: {error}"[:300])
     error = relative_error(output.float(), reference)
     return dict(relative_error=error, tolerance=tolerance, passed=bool(error < tolerance),
-                finite=bool(torch.isfinite(output).all()))
+                finite=bool(torch.isfinite(output.float()).all()))
 
 
+# `w8a8_config`'s tiles (128x128, 3 stages), then wider output tiles and deeper pipelines, as Hopper's 8-bit GEMMs use
+TWO_PASS_CONFIGS = {'128x128 s3': {}, '128x256 s3': dict(BLOCK_N=256), '128x256 s4': dict(BLOCK_N=256, num_stages=4),
+                    '256x128 s3': dict(BLOCK_M=256, num_stages=3)}
 NO_GRAPH = ('eager int8',)   # W8A8Linear checks its input for NaN (a host sync), which a CUDA graph cannot hold
 
 
@@ -632,6 +652,8 @@ def main(argv=None):
             parts[part] = part_w8a8(w8a8_shapes, QUICK_W8A8_TOKENS if args.quick else W8A8_TOKENS, device)
         else: parts[part] = part_tune(shapes, args.tune_kernel,
                                       min(args.tune_seconds, 15) if args.quick else args.tune_seconds, device)
+        meta = run_metadata(device)  # each part names its own run: merged files keep the first file's header
+        parts[part]['run'] = {key: meta[key] for key in ('device', 'commit', 'dirty', 'recorded')}
         parts[part].update(seconds=time.perf_counter() - t, quick=args.quick,
                            shapes=parts[part].get('shapes', list(shapes)))
         if configs and part != 'tune': parts[part]['int4_configs'] = dict(file=args.int4_configs.name, table=configs)

@@ -19,13 +19,14 @@ from .outliers import RowwiseInt8Weight, W8A8Linear
 
 # %% auto #0
 __all__ = ['SM_COUNT', 'GEMV_GROUP_SIZES', 'TUNED_INT4_CONFIGS', 'ACTIVATION_DTYPES', 'FP8_MAX',
-          'MAX_KERNEL_ROWS', 'LAYER_KERNELS', 'matmul_traffic', 'arithmetic_intensity',
-          'attainable_flops', 'ridge_point', 'Int4Weight', 'prepare_int4', 'interpreted',
-          'next_power_of_2', 'sm_count', 'split_k_for', 'pick_config', 'gemv_config', 'int4_config',
-          'check_kernel_input', 'launch', 'full_config', 'int4_matmul', 'relative_error',
-          'nf4_matmul', 'prepare_int8', 'row_scaled_parts', 'w8a16_matmul', 'quantize_fp8_rows',
-          'FP8Weight', 'quantize_fp8_weight', 'token_scales', 'w8a8_config', 'w8a8_matmul',
-          'buffer_key', 'prepared', 'prepare_int4_layer', 'int4_layer_kernel', 'nf4_layer_kernel',
+          'W8A8_ROUTES', 'W8A8_ROUTE', 'MAX_KERNEL_ROWS', 'LAYER_KERNELS', 'matmul_traffic',
+          'arithmetic_intensity', 'attainable_flops', 'ridge_point', 'Int4Weight', 'prepare_int4',
+          'interpreted', 'next_power_of_2', 'sm_count', 'split_k_for', 'pick_config', 'gemv_config',
+          'int4_config', 'check_kernel_input', 'launch', 'full_config', 'int4_matmul',
+          'relative_error', 'nf4_matmul', 'prepare_int8', 'row_scaled_parts', 'w8a16_matmul',
+          'quantize_fp8_rows', 'FP8Weight', 'quantize_fp8_weight', 'token_scales',
+          'quantize_tokens', 'w8a8_config', 'torch_w8a8_product', 'w8a8_matmul', 'buffer_key',
+          'prepared', 'prepare_int4_layer', 'int4_layer_kernel', 'nf4_layer_kernel',
           'w8a8_layer_kernel', 'register_layer_kernels']
 
 # %% ../nbs/09_kernels.ipynb #c4efb42b
@@ -606,20 +607,6 @@ def quantize_fp8_weight(weight: torch.Tensor, # float (out_features, in_features
 # %% ../nbs/09_kernels.ipynb #d295b2c4
 if triton is not None:
     @triton.jit
-    def _token_scales_kernel(x_ptr, scales_ptr, M, K, stride_xm, QMAX: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr):
-        "scale[m] = max_k |x[m, k]| / QMAX (1 for an all-zero row, inf if the row holds NaN/inf)."
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_in = rm < M
-        top = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for t in range(TILES):
-            rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
-            x = _load_x(x_ptr, rm, m_in, rk, rk < K, stride_xm).to(tl.float32)
-            top = tl.maximum(top, tl.max(tl.where(x == x, tl.abs(x), float('inf')), 1))
-        scale = top / QMAX
-        tl.store(scales_ptr + rm, tl.where(scale > 0, scale, 1.0), mask=m_in)
-
-    @triton.jit
     def _round_half_even(v):
         "v (float32, |v| < 2^22) rounded to an integer, ties to even: adding 1.5 x 2^23 does it."
         return (v + 12582912.0) - 12582912.0
@@ -642,6 +629,28 @@ if triton is not None:
         return q
 
     @triton.jit
+    def _token_codes_kernel(x_ptr, scales_ptr, codes_ptr, M, K, stride_xm, QMAX: tl.constexpr,
+                            CODES: tl.constexpr, FP8: tl.constexpr, ROUND_FP8: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr):
+        "scale[m] = max_k |x[m, k]| / QMAX (1 if all zero, inf with NaN/inf); CODES: the codes too."
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_in = rm < M
+        top = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for t in range(TILES):
+            rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
+            x = _load_x(x_ptr, rm, m_in, rk, rk < K, stride_xm).to(tl.float32)
+            top = tl.maximum(top, tl.max(tl.where(x == x, tl.abs(x), float('inf')), 1))
+        scale = tl.where(top > 0, top / QMAX, 1.0)
+        tl.store(scales_ptr + rm, scale, mask=m_in)
+        if CODES:  # a second sweep over the same rows, now in the L2 cache: the codes, row-major
+            for t in range(TILES):
+                rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
+                x = _load_x(x_ptr, rm, m_in, rk, rk < K, stride_xm)
+                tl.store(codes_ptr + rm[:, None] * K + rk[None, :],
+                         _quantize_tile(x, 1.0 / scale, FP8, ROUND_FP8),
+                         mask=m_in[:, None] & (rk < K)[None, :])
+
+    @triton.jit
     def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
         "Like `_tile`, but GROUP_M row tiles walk the output tiles together (weights stay in L2)."
         tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -655,14 +664,14 @@ if triton is not None:
         return rm, rn, rm < M, rn < N
 
     @triton.jit
-    def _w8a8_matmul_kernel(x_ptr, x_scales_ptr, codes_ptr, w_factor_ptr, out_ptr,
+    def _w8a8_matmul_kernel(x_ptr, x_codes_ptr, x_scales_ptr, codes_ptr, w_factor_ptr, out_ptr,
                             M, N, K, stride_xm, stride_om, W_DIVISOR: tl.constexpr,
-                            FP8: tl.constexpr, ROUND_FP8: tl.constexpr, FAST_ACCUM: tl.constexpr,
-                            GROUP_M: tl.constexpr,
+                            CODES_GIVEN: tl.constexpr, FP8: tl.constexpr, ROUND_FP8: tl.constexpr,
+                            FAST_ACCUM: tl.constexpr, GROUP_M: tl.constexpr,
                             USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,  # (launch's; unused)
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             SPLIT_K: tl.constexpr, TILES: tl.constexpr):
-        "out[m, n] = xs[m] ws[n] sum_k q(x[m, k] / xs[m]) code[n, k]: x quantized as it is loaded."
+        "out[m, n] = xs[m] ws[n] sum_k q(x[m, k] / xs[m]) code[n, k]: x's codes given or made here."
         rm, rn, m_in, n_in = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         x_scale = tl.load(x_scales_ptr + rm, mask=m_in, other=1.0)
         inverse = 1.0 / x_scale
@@ -670,10 +679,11 @@ if triton is not None:
         for i in range(TILES):  # this split's tiles of K; past the end of K all is masked
             rk = (tl.program_id(1) * TILES + i) * BLOCK_K + tl.arange(0, BLOCK_K)
             k_in = rk < K
-            x = _load_x(x_ptr, rm, m_in, rk, k_in, stride_xm)
+            if CODES_GIVEN: q = _load_x(x_codes_ptr, rm, m_in, rk, k_in, stride_xm)
+            else: q = _quantize_tile(_load_x(x_ptr, rm, m_in, rk, k_in, stride_xm), inverse,
+                                     FP8, ROUND_FP8)
             codes = tl.load(codes_ptr + rn[:, None] * K + rk[None, :],
                             mask=n_in[:, None] & k_in[None, :], other=0.0 if FP8 else 0)
-            q = _quantize_tile(x, inverse, FP8, ROUND_FP8)
             if not FP8: acc = tl.dot(q, tl.trans(codes), acc, out_dtype=tl.int32)
             elif FAST_ACCUM: acc = tl.dot(q, tl.trans(codes), acc)  # the tensor cores' own sum
             else:  # each step's sum added to acc in float32 (Hopper's FP8 sum is less precise)
@@ -685,8 +695,9 @@ if triton is not None:
 # %% ../nbs/09_kernels.ipynb #f64f18d5
 def token_scales(x: torch.Tensor, # (..., in_features), float16 or bfloat16, contiguous
                  qmax: float = 127.0, # the largest code: 127 for int8, 448 for FP8 E4M3
+                 codes: torch.Tensor|None = None, # int8 or float8_e4m3fn like x: filled if given
                 ) -> torch.Tensor:
-    "Each row's symmetric scale max|x| / qmax as float32 (rows,), one read of x in a Triton pass."
+    "Each row's symmetric scale max|x| / qmax as float32 (rows,), from one Triton pass over x."
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     check_kernel_input(x, x.shape[-1] if x.ndim else -1, x.device)
@@ -694,10 +705,22 @@ def token_scales(x: torch.Tensor, # (..., in_features), float16 or bfloat16, con
     x2 = x.reshape(-1, x.shape[-1])
     (M, K), block_k = x2.shape, min(1024, next_power_of_2(x2.shape[1]))
     scales = torch.empty(M, dtype=torch.float32, device=x.device)
-    _token_scales_kernel[(triton.cdiv(M, 4),)](x2, scales, M, K, x2.stride(0), QMAX=float(qmax),
-                                               BLOCK_M=4, BLOCK_K=block_k,
-                                               TILES=triton.cdiv(K, block_k))
+    fp8 = codes is not None and codes.dtype == torch.float8_e4m3fn
+    _token_codes_kernel[(triton.cdiv(M, 4),)](
+        x2, scales, scales if codes is None else codes, M, K, x2.stride(0), QMAX=float(qmax),
+        CODES=codes is not None, FP8=fp8, ROUND_FP8=fp8 and interpreted(),
+        BLOCK_M=4, BLOCK_K=block_k, TILES=triton.cdiv(K, block_k))
     return scales
+
+def quantize_tokens(x: torch.Tensor, # (..., in_features), float16 or bfloat16, contiguous
+                    fp8: bool = False, # FP8 E4M3 codes (scale to 448) instead of int8 (to 127)
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    "x's per-token codes (shaped like x) and float32 scales (rows,), in one Triton kernel."
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    codes = torch.empty(x.shape, dtype=torch.float8_e4m3fn if fp8 else torch.int8,
+                        device=x.device)
+    return codes, token_scales(x, FP8_MAX if fp8 else 127.0, codes)
 
 # %% ../nbs/09_kernels.ipynb #ec7b1f61
 def w8a8_config(M: int, N: int, K: int, # x is (M, K), the weight (N, K)
@@ -712,14 +735,36 @@ def w8a8_config(M: int, N: int, K: int, # x is (M, K), the weight (N, K)
                 num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3,
                 FAST_ACCUM=False)  # FP8: True leaves the whole sum to the tensor cores' accumulator
 
+def torch_w8a8_product(x_codes: torch.Tensor, # (M, K) int8 or float8_e4m3fn codes of x
+                       x_scales: torch.Tensor, # float32 (M,)
+                       weight: RowwiseInt8Weight|FP8Weight, dtype: torch.dtype,
+                      ) -> torch.Tensor|None:
+    "The scaled product by torch._scaled_mm (FP8) or torch._int_mm; None where they do not apply."
+    codes, factor, divisor = row_scaled_parts(weight)
+    (M, K), N = x_codes.shape, codes.shape[0]
+    if M <= 16 or K % 16 or N % 16: return None  # their shape rules on CUDA
+    w_scale = factor / divisor
+    if x_codes.dtype == torch.int8:
+        product = torch._int_mm(x_codes, codes.t()).float()
+        return (product * x_scales[:, None] * w_scale[None, :]).to(dtype)
+    if dtype != torch.bfloat16: return None  # row-wise scales: bfloat16 output only
+    return torch._scaled_mm(x_codes, codes.t(), scale_a=x_scales[:, None],
+                            scale_b=w_scale[None, :], out_dtype=dtype)
+
+W8A8_ROUTES = ('fused', 'two-pass', 'torch')
+W8A8_ROUTE = {'int8': 'two-pass', 'fp8': 'two-pass'}  # 'auto': the fastest in the recorded run
+
 def w8a8_matmul(x: torch.Tensor, # (..., in_features), float16 or bfloat16, contiguous
                 weight: RowwiseInt8Weight|FP8Weight, # int8 (prepare_int8) or FP8 E4M3 codes
                 bias: torch.Tensor|None = None,
                 config: dict|None = None, # tiles etc., see `w8a8_config` (None: its choice)
+                route: str = 'auto', # 'fused', 'two-pass', 'torch' or 'auto' (see above)
                ) -> torch.Tensor:
-    "`x @ W.T (+ bias)` with x quantized per token inside the GEMM: int8 or FP8 tensor cores."
+    "`x @ W.T (+ bias)` with x quantized per token: int8 or FP8 tensor cores."
     codes, factor, divisor = row_scaled_parts(weight)
     (N, K), device, fp8 = codes.shape, codes.device, isinstance(weight, FP8Weight)
+    if route not in W8A8_ROUTES + ('auto',):
+        raise ValueError(f"route must be one of {W8A8_ROUTES + ('auto',)}, got {route!r}")
     check_kernel_input(x, K, device)
     if triton is None:
         raise RuntimeError("triton is not installed; use F.linear(x, weight.dequantize(x.dtype))")
@@ -729,11 +774,18 @@ def w8a8_matmul(x: torch.Tensor, # (..., in_features), float16 or bfloat16, cont
     if fp8 and device.type == 'cuda' and torch.cuda.get_device_capability(device) < (8, 9):
         raise ValueError("FP8 tensor cores need compute capability 8.9 or later (Ada, Hopper); "
                          "use an int8 weight (prepare_int8) on this card")
-    M = x.numel() // K
-    config = w8a8_config(M, N, K) | (config or {})
-    scales = token_scales(x, FP8_MAX if fp8 else 127.0)
-    out = launch(_w8a8_matmul_kernel, x, N, (scales, codes, factor), config, W_DIVISOR=divisor,
-                 FP8=fp8, ROUND_FP8=fp8 and interpreted(), GROUP_M=8)
+    route, M = W8A8_ROUTE['fp8' if fp8 else 'int8'] if route == 'auto' else route, x.numel() // K
+    if route == 'fused': x_codes, scales = x, token_scales(x, FP8_MAX if fp8 else 127.0)
+    else: x_codes, scales = quantize_tokens(x, fp8)
+    out = None
+    if route == 'torch':
+        out = torch_w8a8_product(x_codes.view(M, K), scales, weight, x.dtype)
+        if out is not None: out = out.view(*x.shape[:-1], N)
+    if out is None:
+        config = w8a8_config(M, N, K) | (config or {})
+        out = launch(_w8a8_matmul_kernel, x, N, (x_codes, scales, codes, factor), config,
+                     W_DIVISOR=divisor, CODES_GIVEN=route != 'fused', FP8=fp8,
+                     ROUND_FP8=fp8 and interpreted(), GROUP_M=8)
     return out if bias is None else out + bias.to(out.dtype)
 
 # %% ../nbs/09_kernels.ipynb #5e13cd8a

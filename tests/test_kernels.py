@@ -520,7 +520,7 @@ from triton.compiler import ASTSource
 import quantcourse.kernels as K
 assert not K.interpreted()
 HINTED = {'x_ptr', 'codes_ptr', 'absmax_ptr', 'out_ptr', 'N', 'K', 'stride_xm', 'stride_om', 'x_scales_ptr',
-          'w_factor_ptr', 'scales_ptr'}
+          'w_factor_ptr', 'scales_ptr', 'x_codes_ptr'}
 def build(kernel, signature, constants, warps=4, stages=3):
     "Compile for sm_90 (H100/H200) through ptxas; which tensor-core instructions the PTX uses."
     signature = dict(signature, **{k: 'constexpr' for k in constants})
@@ -539,13 +539,22 @@ for dtype in ('fp16', 'bf16'):
         const = dict(USE_DOT=dot, DOT_FP32=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, TILES=4)
         report[f'w8a16 {dtype} {dot} {split}'] = build(K._w8a16_matmul_kernel, sig, const)
     for fp8 in (False, True):
-        sig = dict(x_ptr=f'*{dtype}', x_scales_ptr='*fp32', codes_ptr='*fp8e4nv' if fp8 else '*i8', w_factor_ptr='*fp32',
-                   out_ptr=f'*{dtype}', M='i32', N='i32', K='i32', stride_xm='i32', stride_om='i32')
-        const = dict(W_DIVISOR=1.0 if fp8 else 127.0, FP8=fp8, ROUND_FP8=False, FAST_ACCUM=False, GROUP_M=8, USE_DOT=True, DOT_FP32=False,
-                     BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, TILES=32)
-        report[f'w8a8 {dtype} {"fp8" if fp8 else "int8"}'] = build(K._w8a8_matmul_kernel, sig, const, warps=8)
-    report[f'token scales {dtype}'] = build(K._token_scales_kernel, dict(x_ptr=f'*{dtype}', scales_ptr='*fp32', M='i32',
-                                            K='i32', stride_xm='i32'), dict(QMAX=127.0, BLOCK_M=4, BLOCK_K=1024, TILES=4))
+        code = '*fp8e4nv' if fp8 else '*i8'
+        for given in (False, True):   # x's codes made in the prologue, or given (quantize_tokens)
+            sig = dict(x_ptr=f'*{dtype}', x_codes_ptr=code if given else f'*{dtype}', x_scales_ptr='*fp32',
+                       codes_ptr=code, w_factor_ptr='*fp32', out_ptr=f'*{dtype}', M='i32', N='i32', K='i32',
+                       stride_xm='i32', stride_om='i32')
+            const = dict(W_DIVISOR=1.0 if fp8 else 127.0, CODES_GIVEN=given, FP8=fp8, ROUND_FP8=False,
+                         FAST_ACCUM=False, GROUP_M=8, USE_DOT=True, DOT_FP32=False,
+                         BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, TILES=32)
+            report[f'w8a8 {dtype} {"fp8" if fp8 else "int8"}{" given" if given else ""}'] = build(
+                K._w8a8_matmul_kernel, sig, const, warps=8)
+        for codes in (False, True):
+            report[f'token codes {dtype} {fp8} {codes}'] = build(
+                K._token_codes_kernel, dict(x_ptr=f'*{dtype}', scales_ptr='*fp32', codes_ptr=code if codes else '*fp32',
+                                            M='i32', K='i32', stride_xm='i32'),
+                dict(QMAX=448.0 if fp8 else 127.0, CODES=codes, FP8=fp8, ROUND_FP8=False, BLOCK_M=4, BLOCK_K=1024,
+                     TILES=4))
 print(json.dumps(report))
 '''
 
@@ -560,8 +569,10 @@ def test_eight_bit_kernels_compile_for_hopper():
     report = json.loads(run.stdout.strip().splitlines()[-1])
     for dtype in ('fp16', 'bf16'):
         assert report[f'w8a16 {dtype} False 8']['mma'] == [] and report[f'w8a16 {dtype} True 1']['mma']
-        assert any('s8' in i for i in report[f'w8a8 {dtype} int8']['mma']), report[f'w8a8 {dtype} int8']
-        assert any('e4m3' in i for i in report[f'w8a8 {dtype} fp8']['mma']), report[f'w8a8 {dtype} fp8']
+        for given in ('', ' given'):
+            int8, fp8 = report[f'w8a8 {dtype} int8{given}'], report[f'w8a8 {dtype} fp8{given}']
+            assert any('s8' in i for i in int8['mma']), int8
+            assert any('e4m3' in i for i in fp8['mma']), fp8
 
 
 LAYER_SCRIPT = r'''
