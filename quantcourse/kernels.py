@@ -737,19 +737,18 @@ def w8a8_config(M: int, N: int, K: int, # x is (M, K), the weight (N, K)
 
 def torch_w8a8_product(x_codes: torch.Tensor, # (M, K) int8 or float8_e4m3fn codes of x
                        x_scales: torch.Tensor, # float32 (M,)
-                       weight: RowwiseInt8Weight|FP8Weight, dtype: torch.dtype,
-                      ) -> torch.Tensor|None:
+                       codes: torch.Tensor, # the weight's codes (N, K), of x_codes' dtype
+                       w_scales: torch.Tensor, # float32 (N,): each weight row's scale
+                       dtype: torch.dtype) -> torch.Tensor|None:
     "The scaled product by torch._scaled_mm (FP8) or torch._int_mm; None where they do not apply."
-    codes, factor, divisor = row_scaled_parts(weight)
     (M, K), N = x_codes.shape, codes.shape[0]
     if M <= 16 or K % 16 or N % 16: return None  # their shape rules on CUDA
-    w_scale = factor / divisor
     if x_codes.dtype == torch.int8:
         product = torch._int_mm(x_codes, codes.t()).float()
-        return (product * x_scales[:, None] * w_scale[None, :]).to(dtype)
+        return (product * x_scales[:, None] * w_scales[None, :]).to(dtype)
     if dtype != torch.bfloat16: return None  # row-wise scales: bfloat16 output only
     return torch._scaled_mm(x_codes, codes.t(), scale_a=x_scales[:, None],
-                            scale_b=w_scale[None, :], out_dtype=dtype)
+                            scale_b=w_scales[None, :], out_dtype=dtype)
 
 W8A8_ROUTES = ('fused', 'two-pass', 'torch')
 W8A8_ROUTE = {'int8': 'two-pass', 'fp8': 'two-pass'}  # 'auto': the fastest in the recorded run
@@ -779,7 +778,7 @@ def w8a8_matmul(x: torch.Tensor, # (..., in_features), float16 or bfloat16, cont
     else: x_codes, scales = quantize_tokens(x, fp8)
     out = None
     if route == 'torch':
-        out = torch_w8a8_product(x_codes.view(M, K), scales, weight, x.dtype)
+        out = torch_w8a8_product(x_codes.view(M, K), scales, codes, factor / divisor, x.dtype)
         if out is not None: out = out.view(*x.shape[:-1], N)
     if out is None:
         config = w8a8_config(M, N, K) | (config or {})
